@@ -1,0 +1,11 @@
+"""minipythia: Pythia (GPT-NeoX) from scratch in PyTorch, with a native, compressible KV cache."""
+
+from .cache import KVCache
+from .compressors import COMPRESSORS, Compressor, KnormPress, NoCompression, SnapKV
+from .config import MODEL_NAMES, PythiaConfig
+from .generate import generate
+from .model import Pythia
+from .tokenizer import Tokenizer
+
+__all__ = ["COMPRESSORS", "Compressor", "KVCache", "KnormPress", "MODEL_NAMES", "NoCompression", "Pythia",
+           "PythiaConfig", "SnapKV", "Tokenizer", "generate"]

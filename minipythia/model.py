@@ -1,0 +1,153 @@
+"""The Pythia (GPT-NeoX) network in plain PyTorch: partial rotary, fused per-head QKV, parallel residual.
+
+Module names follow the published checkpoints (minus the `gpt_neox.` prefix), so loading is a rename.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .config import PythiaConfig
+
+
+def rotary_cos_sin(config: PythiaConfig, start: int, length: int, device, dtype):
+    """cos, sin of shape (length, rotary_ndims) for positions start .. start+length-1, computed in float32."""
+    nd = config.rotary_ndims
+    inv_freq = 1.0 / config.rotary_emb_base ** (torch.arange(0, nd, 2, device=device, dtype=torch.float32) / nd)
+    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, nd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The "rotate half" form on the first rotary_ndims features of each head; the rest passes through."""
+    nd = cos.size(-1)
+    x_rot, x_pass = x[..., :nd], x[..., nd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PythiaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.num_attention_heads
+        self.head_size = config.head_size
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x, cos, sin, cache: KVCache | None):
+        B, T, C = x.shape
+        # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
+        qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_size)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k, v)  # (B, nh, n_kept + T, hs)
+        n_past = k.size(2) - T
+        # SDPA's default scale is head_size ** -0.5, as in GPT-NeoX.
+        if T == 1:
+            y = F.scaled_dot_product_attention(q, k, v)
+        elif n_past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Every cached entry precedes the new tokens, so the new block is causal among itself only.
+            mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        if cache is not None and cache.in_prefill:
+            # The prefill attended to the full KV above; only later tokens see the compressed cache.
+            cache.compress(self.layer_idx, q)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.dense(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PythiaConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact (erf) GELU
+
+
+class Block(nn.Module):
+    def __init__(self, config: PythiaConfig, layer_idx: int):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache):
+        attn = self.attention(self.input_layernorm(x), cos, sin, cache)
+        if self.use_parallel_residual:
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Pythia(nn.Module):
+    def __init__(self, config: PythiaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def new_cache(self, batch_size: int = 1, compressor=None) -> KVCache:
+        p = self.embed_in.weight
+        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
+        """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only.
+
+        With a cache, the tokens take positions cache.seen .. cache.seen+T-1, whatever the cache kept.
+        """
+        B, T = input_ids.shape
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B}")
+        start = cache.seen if cache is not None else 0
+        x = self.embed_in(input_ids)  # (B, T, C)
+        cos, sin = rotary_cos_sin(self.config, start, T, x.device, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]  # the LM head is a third of the FLOPs at 70m: skip it where no logits are needed
+        return self.embed_out(self.final_layer_norm(x))
+
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Random initialisation (GPT-NeoX style: normal(0, std), zero biases, unit LayerNorms)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if "layernorm" in name or "layer_norm" in name:
+                    p.fill_(1.0 if name.endswith("weight") else 0.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, source: str, dtype: torch.dtype = torch.float32, device="cpu",
+                        revision: str | None = None) -> "Pythia":
+        """Loads a local checkpoint directory (Hugging Face layout) or a hub id / registry name."""
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, source, dtype=dtype, device=device, revision=revision)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+

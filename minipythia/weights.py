@@ -1,0 +1,130 @@
+"""Finding, reading and writing checkpoints in the published Hugging Face layout.
+
+A source is a local directory (config.json + model.safetensors | sharded safetensors with an index |
+pytorch_model.bin), a name from the registry (`pythia-70m-deduped`, looked up under weights/ first), or a
+hub id downloaded with huggingface_hub into its cache (HF_HUB_OFFLINE=1 uses the cache only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import MODEL_NAMES, PythiaConfig, hub_id
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+HUB_FILES = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
+
+# Buffers the published files carry that the model recomputes or does not need: the causal mask, its
+# fill value and the rotary frequencies. Every other tensor must map onto a parameter.
+IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+
+
+def checkpoint_key(key: str) -> str | None:
+    """Checkpoint tensor name -> our parameter name, or None for a buffer we drop."""
+    if key.endswith(IGNORED_SUFFIXES):
+        return None
+    return key.removeprefix("gpt_neox.")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve(source: str | Path, revision: str | None = None) -> Path:
+    """Returns a local directory holding the checkpoint, downloading it from the hub when needed."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json; point --model at a checkpoint directory")
+        return path
+    if str(source) in MODEL_NAMES and (WEIGHTS_DIR / str(source) / "config.json").is_file() and revision is None:
+        return WEIGHTS_DIR / str(source)
+    repo = hub_id(str(source))
+    if repo.count("/") != 1 or path.exists():
+        raise ModelNotFoundError(f"model {source!r} is neither a checkpoint directory nor a hub id "
+                                 f"(e.g. EleutherAI/pythia-70m-deduped)")
+    return _download(repo, revision)
+
+
+def _download(repo: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        local = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+        if not any(local.glob("*.safetensors")):  # some early training revisions only have the .bin
+            local = Path(snapshot_download(repo, revision=revision,
+                                           allow_patterns=HUB_FILES + ["pytorch_model.bin"]))
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(f"model {repo!r} is not in the Hugging Face cache and the hub is unreachable"
+                                 f"{' (HF_HUB_OFFLINE is set)' if os.environ.get('HF_HUB_OFFLINE') else ''}; "
+                                 f"download it once with network, or pass a local checkpoint directory") from None
+    except (RepositoryNotFoundError, HfHubHTTPError) as e:
+        raise ModelNotFoundError(f"cannot download {repo!r} (revision {revision or 'main'}): "
+                                 f"{str(e).splitlines()[0]}") from None
+    return local
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, by checkpoint key, in their stored dtype."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif (directory / "pytorch_model.bin").is_file():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ModelNotFoundError(f"{directory} has no model.safetensors, safetensors index or pytorch_model.bin")
+    tensors = {}
+    for name in files:
+        with safe_open(directory / name, framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def load_pretrained(cls, source, dtype=torch.float32, device="cpu", revision=None):
+    if dtype == torch.float16:
+        raise ValueError("float16 overflows in Pythia's attention (NaN logits); use dtype bfloat16 or float32")
+    directory = resolve(source, revision)
+    config = PythiaConfig.from_json(directory / "config.json")
+    with torch.device("meta"):
+        model = cls(config)
+    expected = dict(model.named_parameters())
+    state = {}
+    for key, tensor in read_state_dict(directory).items():
+        name = checkpoint_key(key)
+        if name is None:
+            continue
+        if name not in expected:
+            raise ValueError(f"{directory}: unexpected tensor {key!r} in the checkpoint")
+        if tensor.shape != expected[name].shape:
+            raise ValueError(f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)}, "
+                             f"the config needs {tuple(expected[name].shape)}")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}")
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def save_pretrained(model, directory: str | Path, dtype=torch.float16):
+    """Writes config.json and model.safetensors in the published layout (loadable by transformers too)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config_dict = model.config.to_hf_dict()
+    config_dict["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
+    tensors = {}
+    for name, p in model.state_dict().items():
+        key = name if name.startswith("embed_out") else f"gpt_neox.{name}"
+        tensors[key] = p.detach().to(device="cpu", dtype=dtype).contiguous()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
