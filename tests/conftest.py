@@ -1,0 +1,113 @@
+"""Shared fixtures: random checkpoints written in the published Pythia layout, and the shared data paths.
+
+Each checkpoint comes from a `transformers.GPTNeoXForCausalLM` built in memory with an explicit
+rotary_pct (transformers 5 silently rewrites it otherwise), its weights rounded to float16 and saved the
+way EleutherAI's files are: float16, legacy config keys, and the buffers minipythia must ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def pg19_dir() -> Path | None:
+    """The local PG-19 test books: $PG19_DIR, else ../shared/data/pg19-test next to the checkout."""
+    path = Path(os.environ.get("PG19_DIR", SHARED / "data" / "pg19-test"))
+    return path if path.is_dir() else None
+
+
+def pythia_tokenizer_path() -> Path | None:
+    path = Path(os.environ.get("PYTHIA_TOKENIZER", SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"))
+    return path if path.is_file() else None
+
+
+TINY = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+            intermediate_size=256, max_position_embeddings=256)
+
+
+def hf_reference(seed: int = 0, rotary_pct: float = 0.25, use_parallel_residual: bool = True, **shape):
+    """A random transformers GPT-NeoX model whose weights are exactly representable in float16."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    shape = {**TINY, **shape}
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(**shape, rotary_pct=rotary_pct, rotary_emb_base=10000,
+                           use_parallel_residual=use_parallel_residual, eos_token_id=0, bos_token_id=0)
+    model = GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Larger than the default init (and non-trivial LayerNorms) so that parity means something.
+            value = torch.randn_like(p) * 0.05
+            if ("layernorm" in name or "layer_norm" in name) and name.endswith("weight"):
+                value += 1.0
+            p.copy_(value.half().float())
+    rope = model.config.rope_parameters
+    assert rope["partial_rotary_factor"] == rotary_pct, "transformers dropped the rotary_pct we asked for"
+    return model
+
+
+def write_published_checkpoint(hf_model, directory: Path, tokenizer_json: Path | None = None) -> Path:
+    """Saves `hf_model` as EleutherAI publishes Pythia: float16 safetensors with the extra buffers."""
+    directory.mkdir(parents=True, exist_ok=True)
+    c = hf_model.config
+    rope = c.rope_parameters
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["GPTNeoXForCausalLM"], "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "gelu",
+        "hidden_size": c.hidden_size, "initializer_range": 0.02, "intermediate_size": c.intermediate_size,
+        "layer_norm_eps": 1e-05, "max_position_embeddings": c.max_position_embeddings, "model_type": "gpt_neox",
+        "num_attention_heads": c.num_attention_heads, "num_hidden_layers": c.num_hidden_layers,
+        "rotary_emb_base": rope["rope_theta"], "rotary_pct": rope["partial_rotary_factor"],
+        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.24.0",
+        "use_cache": True, "use_parallel_residual": c.use_parallel_residual, "vocab_size": c.vocab_size,
+    }, indent=2))
+    tensors = {k.replace("lm_head.", "embed_out."): v.half().contiguous() for k, v in hf_model.state_dict().items()}
+    n = c.max_position_embeddings
+    head_size = c.hidden_size // c.num_attention_heads
+    nd = int(head_size * rope["partial_rotary_factor"])
+    for i in range(c.num_hidden_layers):
+        prefix = f"gpt_neox.layers.{i}.attention."
+        tensors[prefix + "bias"] = torch.ones(1, 1, n, n, dtype=torch.bool).tril()
+        tensors[prefix + "masked_bias"] = torch.tensor(-1e9).half()
+        tensors[prefix + "rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, nd, 2).float() / nd)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    if tokenizer_json is not None:
+        (directory / "tokenizer.json").write_bytes(Path(tokenizer_json).read_bytes())
+    return directory
+
+
+def train_tiny_tokenizer(path: Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE trained on a few generated sentences: enough for CLI and eval smoke tests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    words = "the quick brown fox jumps over a lazy dog while seven old men read long books by the sea".split()
+    g = torch.Generator().manual_seed(0)
+    text = [" ".join(words[j] for j in torch.randint(len(words), (12,), generator=g)) + "." for _ in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Pythia in the published layout, with a tokenizer.json: for CLI and eval smoke tests."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = train_tiny_tokenizer(root / "tokenizer.json")
+    return write_published_checkpoint(hf_reference(), root / "ckpt", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_and_checkpoint(tiny_checkpoint):
+    """The transformers model whose weights `tiny_checkpoint` holds."""
+    return hf_reference(), tiny_checkpoint
