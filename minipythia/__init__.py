@@ -3,9 +3,9 @@
 from .cache import KVCache
 from .compressors import COMPRESSORS, Compressor, KnormPress, NoCompression, SnapKV
 from .config import MODEL_NAMES, PythiaConfig
-from .generate import generate
+from .generation import Generation, generate
 from .model import Pythia
 from .tokenizer import Tokenizer
 
-__all__ = ["COMPRESSORS", "Compressor", "KVCache", "KnormPress", "MODEL_NAMES", "NoCompression", "Pythia",
+__all__ = ["COMPRESSORS", "Compressor", "Generation", "KVCache", "KnormPress", "MODEL_NAMES", "NoCompression", "Pythia",
            "PythiaConfig", "SnapKV", "Tokenizer", "generate"]

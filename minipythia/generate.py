@@ -1,1 +1,90 @@
-def generate(*a, **k): raise NotImplementedError
+"""Generate text from the command line, streaming it as it comes:
+
+    python -m minipythia.generate --model pythia-70m-deduped --prompt "Once upon a time" --stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .cli import DTYPES, add_compressor_args, add_model_args, compressor_from_args, run_cli
+from .generation import check_sampling, generate
+from .model import Pythia
+from .tokenizer import Tokenizer
+from .weights import resolve
+
+
+class TextStream:
+    """Prints generated text as it comes, holding back bytes of a character not yet complete."""
+
+    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def __call__(self, token: int):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+
+def read_prompt_file(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read --prompt-file {path}: {e.strerror if isinstance(e, OSError) else e}; "
+                         f"give a readable UTF-8 text file") from None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minipythia.generate", description=__doc__.split("\n")[0])
+    add_model_args(p)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", type=Path, help="a file holding the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    p.add_argument("--stats", action="store_true", help="print TTFT, TPOT, tokens/s and KV bytes to stderr")
+    add_compressor_args(p)
+    args = p.parse_args(argv)
+
+    text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
+    if not text:
+        raise ValueError("the prompt is empty: pass some text with --prompt or a non-empty --prompt-file")
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    compressor = compressor_from_args(args)
+    directory = resolve(args.model, args.revision)
+    tokenizer = Tokenizer.from_pretrained(directory)
+    model = Pythia.from_pretrained(directory, dtype=DTYPES[args.dtype])
+    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
+
+    prompt_ids = tokenizer.encode(text)
+    sys.stdout.write(text)
+    result = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                      args.seed, compressor, eos_id=None if args.ignore_eos else tokenizer.eos_id,
+                      on_token=TextStream(tokenizer))
+    sys.stdout.write("\n")
+    if args.stats:
+        kib = 1024
+        print(f"prompt {len(prompt_ids)} tokens, generated {len(result.tokens)}, "
+              f"compressor {compressor.label}\n"
+              f"TTFT {result.ttft_s * 1e3:.1f} ms | TPOT {result.tpot_s * 1e3:.2f} ms | "
+              f"{result.tokens_per_s:.1f} tokens/s\n"
+              f"KV cache: {result.kv_bytes_prefill / kib:.0f} KiB after prefill, "
+              f"{result.kv_bytes_compressed / kib:.0f} KiB after compression, "
+              f"{result.kv_bytes_end / kib:.0f} KiB at the end", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

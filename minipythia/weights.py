@@ -1,8 +1,9 @@
 """Finding, reading and writing checkpoints in the published Hugging Face layout.
 
 A source is a local directory (config.json + model.safetensors | sharded safetensors with an index |
-pytorch_model.bin), a name from the registry (`pythia-70m-deduped`, looked up under weights/ first), or a
-hub id downloaded with huggingface_hub into its cache (HF_HUB_OFFLINE=1 uses the cache only).
+pytorch_model.bin), or a registry name (`pythia-70m-deduped`) / hub id (`EleutherAI/pythia-70m-deduped`):
+looked up under weights/ first (see minipythia.download), else fetched with huggingface_hub into its
+cache (HF_HUB_OFFLINE=1 uses the cache only).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import MODEL_NAMES, PythiaConfig, hub_id
+from .config import PythiaConfig, hub_id
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 HUB_FILES = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
@@ -43,23 +44,30 @@ def resolve(source: str | Path, revision: str | None = None) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json; point --model at a checkpoint directory")
         return path
-    if str(source) in MODEL_NAMES and (WEIGHTS_DIR / str(source) / "config.json").is_file() and revision is None:
-        return WEIGHTS_DIR / str(source)
     repo = hub_id(str(source))
     if repo.count("/") != 1 or path.exists():
         raise ModelNotFoundError(f"model {source!r} is neither a checkpoint directory nor a hub id "
                                  f"(e.g. EleutherAI/pythia-70m-deduped)")
-    return _download(repo, revision)
+    local = local_weights_dir(repo, revision)
+    if (local / "config.json").is_file():  # put there by `python -m minipythia.download`
+        return local
+    return download(repo, revision)
 
 
-def _download(repo: str, revision: str | None) -> Path:
+def local_weights_dir(repo: str, revision: str | None = None) -> Path:
+    """weights/NAME[-REVISION]: where `python -m minipythia.download` keeps a hub checkpoint."""
+    return WEIGHTS_DIR / (repo.split("/")[-1] + (f"-{revision}" if revision else ""))
+
+
+def download(repo: str, revision: str | None = None, local_dir: str | Path | None = None) -> Path:
+    """Fetches config, tokenizer and weights of a hub repository (safetensors, else pytorch_model.bin)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        local = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES))
+        local = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_dir=local_dir))
         if not any(local.glob("*.safetensors")):  # some early training revisions only have the .bin
-            local = Path(snapshot_download(repo, revision=revision,
+            local = Path(snapshot_download(repo, revision=revision, local_dir=local_dir,
                                            allow_patterns=HUB_FILES + ["pytorch_model.bin"]))
     except LocalEntryNotFoundError:
         raise ModelNotFoundError(f"model {repo!r} is not in the Hugging Face cache and the hub is unreachable"

@@ -1,0 +1,107 @@
+"""Autoregressive generation with the native (optionally compressed) KV cache."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .compressors import Compressor
+from .model import Pythia
+
+WARMUP_TOKENS = 2  # decode steps left out of TPOT: the first ones pay for allocator and cache growth
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # the new tokens only
+    ttft_s: float  # prefill + compression + choosing the first token
+    step_s: list[float] = field(default_factory=list)  # wall time of each later decode step
+    kv_bytes_prefill: int = 0  # what the full cache held at the end of the prefill, before compression
+    kv_bytes_compressed: int = 0  # right after compression (equal to the above without a compressor)
+    kv_bytes_end: int = 0
+
+    @property
+    def tpot_s(self) -> float:
+        """Median time per output token after the warm-up steps (nan when too few tokens were made)."""
+        steps = self.step_s[WARMUP_TOKENS:] or self.step_s
+        return statistics.median(steps) if steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1.0 / self.tpot_s
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> int:
+    """Picks the next token from logits (vocab,): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the ones before it already cover top_p; the most likely token always stays.
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int):
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+@torch.inference_mode()
+def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             compressor: Compressor | None = None, eos_id: int | None = None, on_token=None) -> Generation:
+    """Generates up to max_new_tokens after prompt_ids (a list or 1-D tensor of ids).
+
+    The prompt is prefilled in one forward, then compressed; the first token comes from full-KV logits,
+    later ones see only the kept entries. Stops early at eos_id. on_token(id) is called as each arrives.
+    """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    limit = model.config.max_position_embeddings
+    if ids.numel() + max_new_tokens > limit:
+        warnings.warn(f"prompt ({ids.numel()} tokens) + {max_new_tokens} new tokens exceed the {limit} positions "
+                      f"Pythia was trained on; quality degrades past them")
+    device = model.embed_in.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = model.new_cache(batch_size=1, compressor=compressor)
+
+    start = time.perf_counter()
+    logits = model(ids[None].to(device), cache=cache, last_only=True)
+    token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+    result = Generation(tokens=[token], ttft_s=time.perf_counter() - start,
+                        kv_bytes_prefill=cache.nbytes_before_compression or cache.nbytes,
+                        kv_bytes_compressed=cache.nbytes)
+    if on_token:
+        on_token(token)
+    step_input = torch.empty(1, 1, dtype=torch.long, device=device)
+    while len(result.tokens) < max_new_tokens and token != eos_id:
+        start = time.perf_counter()
+        step_input.fill_(token)
+        logits = model(step_input, cache=cache)
+        token = sample(logits[0, -1], temperature, top_k, top_p, generator)
+        result.step_s.append(time.perf_counter() - start)
+        result.tokens.append(token)
+        if on_token:
+            on_token(token)
+    result.kv_bytes_end = cache.nbytes
+    return result
