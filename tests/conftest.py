@@ -111,3 +111,50 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def tiny_hf_and_checkpoint(tiny_checkpoint):
     """The transformers model whose weights `tiny_checkpoint` holds."""
     return hf_reference(), tiny_checkpoint
+
+
+# The pythia-70m architecture (head_size 64, the real vocabulary) for parity tests with random weights.
+PYTHIA_70M = dict(vocab_size=50304, hidden_size=512, num_attention_heads=8, num_hidden_layers=6,
+                  intermediate_size=2048, max_position_embeddings=2048)
+REFERENCE_SHAPES = {"tiny": TINY, "70m": PYTHIA_70M}
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory):
+    """get(shape, rotary_pct, use_parallel_residual) -> (transformers model, published-layout checkpoint dir).
+
+    `shape` is a key of REFERENCE_SHAPES. Built once per session and argument set: the 70m shape takes seconds.
+    """
+    built = {}
+
+    def get(shape: str = "tiny", rotary_pct: float = 0.25, use_parallel_residual: bool = True):
+        key = (shape, rotary_pct, use_parallel_residual)
+        if key not in built:
+            hf = hf_reference(rotary_pct=rotary_pct, use_parallel_residual=use_parallel_residual,
+                              **REFERENCE_SHAPES[shape])
+            directory = tmp_path_factory.mktemp(f"ref-{shape}-rot{rotary_pct}-par{int(use_parallel_residual)}")
+            built[key] = hf, write_published_checkpoint(hf, directory)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Runs a module on one intra-op thread: with two OpenMP threads on a shared 2-core machine, small
+    matmuls can be 100x slower when the other core is busy. Restores the previous setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def rotary_by_hand(x: torch.Tensor, positions, config) -> torch.Tensor:
+    """GPT-NeoX rotary written out for tests: x (..., T, head_size) at integer positions (T,), the
+    "rotate half" form on the first rotary_ndims features, float32 angles as transformers computes them."""
+    nd = config.rotary_ndims
+    inv_freq = 1.0 / config.rotary_emb_base ** (torch.arange(0, nd, 2, dtype=torch.float32) / nd)
+    angles = torch.as_tensor(positions, dtype=torch.float32).reshape(-1, 1) * inv_freq  # (T, nd/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2, rest = x[..., : nd // 2], x[..., nd // 2 : nd], x[..., nd:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)

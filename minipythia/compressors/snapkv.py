@@ -46,5 +46,5 @@ class SnapKV(Compressor):
         votes = attn[..., : L - W].sum(dim=-2)  # (B, nh, L-W)
         pool = F.avg_pool1d if self.pooling == "avgpool" else F.max_pool1d
         pooled = pool(votes, kernel_size=self.kernel_size, stride=1, padding=self.kernel_size // 2)
-        window = torch.full_like(pooled[..., :W], float("inf"))  # the window is always kept
+        window = pooled.new_full((*pooled.shape[:-1], W), float("inf"))  # the window is always kept
         return torch.cat((pooled, window), dim=-1)  # (B, nh, L)
