@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
 MODEL ?= EleutherAI/pythia-70m-deduped
-DATA  ?= $(if $(PG19_DIR),$(PG19_DIR),pg19)
+DATA  ?= pg19
 OUT   ?= results/eval
 
 .PHONY: venv test eval download clean

@@ -7,6 +7,8 @@ kept entries, so the memory of evicted entries is really released.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .config import PythiaConfig
@@ -30,6 +32,7 @@ class KVCache:
         self._lengths = [0] * n  # entries in use per layer
         self.seen = 0
         self.nbytes_before_compression: int | None = None  # set by the compression at the end of the prefill
+        self.compress_seconds = 0.0  # time spent compressing (scoring, top-k, gather), part of the prefill
 
     @property
     def num_layers(self) -> int:
@@ -97,17 +100,18 @@ class KVCache:
         The one shared selection step: each policy only scores entries; here the top `keep` per
         (batch, head) are kept, in position order, in new tensors of exactly that size.
         """
+        start = time.perf_counter()
         n = self._lengths[layer]
         if layer == 0:  # layers are compressed in order, each right after its prefill attention
             self.nbytes_before_compression = 0
         self.nbytes_before_compression += self._layer_nbytes(layer)
         keep = self.compressor.keep_count(layer, n)
-        if keep >= n:
-            return
-        keys, values = self.keys(layer), self.values(layer)
-        scores = self.compressor.score(layer, keys, values, queries)  # (B, nh, n)
-        idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (B, nh, keep)
-        self.keep(layer, idx)
+        if keep < n:
+            keys, values = self.keys(layer), self.values(layer)
+            scores = self.compressor.score(layer, keys, values, queries)  # (B, nh, n)
+            idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (B, nh, keep)
+            self.keep(layer, idx)
+        self.compress_seconds += time.perf_counter() - start
 
     def keep(self, layer: int, idx: torch.Tensor):
         """Keeps only the entries at indices idx (B, nh, k) of a layer, in freshly allocated tensors."""

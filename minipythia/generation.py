@@ -12,22 +12,24 @@ import torch
 from .compressors import Compressor
 from .model import Pythia
 
-WARMUP_TOKENS = 2  # decode steps left out of TPOT: the first ones pay for allocator and cache growth
+WARMUP_STEPS = 3  # decode steps left out of TPOT: the first ones pay for allocator and cache growth
 
 
 @dataclass
 class Generation:
     tokens: list[int]  # the new tokens only
     ttft_s: float  # prefill + compression + choosing the first token
+    compress_s: float = 0.0  # the compression's share of ttft_s
     step_s: list[float] = field(default_factory=list)  # wall time of each later decode step
     kv_bytes_prefill: int = 0  # what the full cache held at the end of the prefill, before compression
     kv_bytes_compressed: int = 0  # right after compression (equal to the above without a compressor)
     kv_bytes_end: int = 0
+    kept_after_prefill: int = 0  # entries per head left in layer 0 by the compression
 
     @property
     def tpot_s(self) -> float:
         """Median time per output token after the warm-up steps (nan when too few tokens were made)."""
-        steps = self.step_s[WARMUP_TOKENS:] or self.step_s
+        steps = self.step_s[WARMUP_STEPS:] or self.step_s
         return statistics.median(steps) if steps else float("nan")
 
     @property
@@ -89,6 +91,7 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
     logits = model(ids[None].to(device), cache=cache, last_only=True)
     token = sample(logits[0, -1], temperature, top_k, top_p, generator)
     result = Generation(tokens=[token], ttft_s=time.perf_counter() - start,
+                        compress_s=cache.compress_seconds, kept_after_prefill=len(cache),
                         kv_bytes_prefill=cache.nbytes_before_compression or cache.nbytes,
                         kv_bytes_compressed=cache.nbytes)
     if on_token:

@@ -1,0 +1,168 @@
+"""Sliding-window perplexity with a compressed KV cache (the Hugging Face "perplexity of fixed-length models" loop).
+
+Windows of ctx_len tokens advance by stride. In each window the part before the targets is the prompt:
+it is prefilled into a fresh cache, which compresses it at the end of the prefill; the prefill's last
+logits (computed from the full KV) predict the first target, and the other targets are teacher-forced
+through the compressed cache in one forward. A window without a prompt (the first one) is one uncached
+forward scoring its tokens 1.. (HF's label shift). With no compressor the per-token NLLs are those of HF.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from minipythia import Compressor, KVCache, NoCompression
+
+from .results import append_jsonl, read_jsonl
+
+
+def check_window_args(ctx_len: int, stride: int):
+    if ctx_len < 2:
+        raise ValueError(f"--ctx-len must be >= 2, got {ctx_len}")
+    if not 1 <= stride <= ctx_len:
+        raise ValueError(f"--stride must be in [1, ctx_len={ctx_len}], got {stride}")
+
+
+def windows(n: int, ctx_len: int, stride: int):
+    """(begin, end, prompt_len) of each window over n tokens; its targets are ids[begin+prompt_len:end]."""
+    check_window_args(ctx_len, stride)
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + ctx_len, n)
+        yield begin, end, prev_end - begin
+        prev_end = end
+        if end == n:
+            break
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (1, T, V), targets (1, T) -> NLL (T,), from a float32 log_softmax whatever the model's dtype."""
+    return F.cross_entropy(logits[0].float(), targets[0], reduction="none")
+
+
+class PrefillRecorder(KVCache):
+    """One prefill shared by several compressors. The prefill's attention sees the full KV whatever the
+    compressor, so its K, V and queries do not depend on it: this cache keeps every entry and records each
+    layer's queries, and `replay(c)` builds the cache a prefill with compressor c would have left."""
+
+    def __init__(self, model):
+        p = model.embed_in.weight
+        super().__init__(model.config, 1, dtype=p.dtype, device=p.device, compressor=NoCompression())
+        self.queries: list[torch.Tensor | None] = [None] * self.num_layers
+
+    def compress(self, layer: int, queries: torch.Tensor):
+        self.queries[layer] = queries
+
+    def replay(self, model, compressor: Compressor | None) -> KVCache:
+        cache = model.new_cache(self.batch_size, compressor)
+        for layer in range(self.num_layers):  # what the model's prefill does, layer by layer
+            cache.append(layer, self.keys(layer), self.values(layer))
+            if cache.in_prefill:
+                cache.compress(layer, self.queries[layer])
+        cache.advance(self.seen)
+        return cache
+
+
+@torch.inference_mode()
+def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
+                        compressors: list[Compressor | None] = (None,), desc: str | None = None,
+                        seconds: list[float] | None = None) -> list[torch.Tensor]:
+    """Per-token NLLs (float32, one per scored token, in order) for each compressor, from shared prefills.
+
+    Windows without a prompt are computed once for all. With `seconds` (a list of len(compressors)), each
+    compressor's own work (replay, target forward) is added to its entry and the shared work split evenly.
+    `desc` shows a tqdm bar over the windows.
+    """
+    if ids.dim() != 1:
+        raise ValueError(f"ids must be a 1-D LongTensor, got shape {tuple(ids.shape)}")
+    compressors = list(compressors)
+    device = model.embed_in.weight.device
+    ids = ids.to(device).view(1, -1)
+    spans = list(windows(ids.size(1), ctx_len, stride))
+    nlls: list[list[torch.Tensor]] = [[] for _ in compressors]
+    own = [0.0] * len(compressors)
+    shared = 0.0
+    for begin, end, prompt_len in tqdm(spans, desc=desc, disable=desc is None, unit="win", file=sys.stderr):
+        t = time.perf_counter()
+        window = ids[:, begin:end]
+        if prompt_len == 0:
+            if end - begin < 2:  # a last window of one token: nothing to predict it from
+                continue
+            nll = token_nll(model(window[:, :-1]), window[:, 1:])
+            for per_config in nlls:
+                per_config.append(nll)
+            shared += time.perf_counter() - t
+            continue
+        prompt, targets = window[:, :prompt_len], window[:, prompt_len:]
+        if len(compressors) == 1:
+            cache = model.new_cache(1, compressors[0])
+            first = token_nll(model(prompt, cache=cache, last_only=True), targets[:, :1])
+            caches = iter([cache])
+        else:
+            recorder = PrefillRecorder(model)
+            first = token_nll(model(prompt, cache=recorder, last_only=True), targets[:, :1])
+            caches = (recorder.replay(model, c) for c in compressors)  # one replayed cache alive at a time
+        shared += time.perf_counter() - t
+        for i, per_config in enumerate(nlls):
+            t = time.perf_counter()
+            cache = next(caches)
+            nll = first
+            if targets.size(1) > 1:  # the other targets, teacher-forced through the compressed cache
+                nll = torch.cat((first, token_nll(model(targets[:, :-1], cache=cache), targets[:, 1:])))
+            per_config.append(nll)
+            own[i] += time.perf_counter() - t
+    if seconds is not None:
+        for i in range(len(compressors)):
+            seconds[i] += own[i] + shared / len(compressors)
+    return [torch.cat(n).cpu() if n else torch.empty(0) for n in nlls]
+
+
+def sliding_window_nll(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
+                       compressor: Compressor | None = None) -> torch.Tensor:
+    """Per-token NLLs (float32, one per scored token, in order): tokens 1 .. n-1 when stride < ctx_len."""
+    return sliding_window_nlls(model, ids, ctx_len, stride, [compressor])[0]
+
+
+def record_key(r: dict) -> tuple:
+    """What identifies a (book, config) result: reruns skip the keys already in ppl.jsonl."""
+    return (r["book"], r["model"], r.get("revision"), r["dtype"], r["label"], r["ctx_len"], r["stride"],
+            r["max_tokens"])
+
+
+def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], out: Path,
+            meta: dict, ctx_len: int, stride: int, max_tokens: int | None) -> list[dict]:
+    """PPL of every (book, config) not yet in out/ppl.jsonl, appended as each book finishes.
+
+    books: (name, source, ids); meta: model, revision, dtype (in every record and key).
+    Returns the records of all requested pairs, resumed ones included.
+    """
+    path = Path(out) / "ppl.jsonl"
+    done = {record_key(r): r for r in read_jsonl(path)}
+    base = dict(meta, ctx_len=ctx_len, stride=stride, max_tokens=max_tokens)
+    records = []
+    for name, source, ids in books:
+        keyed = [(c, record_key(dict(base, book=name, label=c.label))) for c in configs]
+        pending = [c for c, key in keyed if key not in done]
+        if len(pending) < len(configs):
+            print(f"{name}: {len(configs) - len(pending)} config(s) already in {path}, skipped", file=sys.stderr)
+        seconds = [0.0] * len(pending)
+        desc = f"{name} ({pending[0].label})" if len(pending) == 1 else f"{name} ({len(pending)} configs)"
+        results = sliding_window_nlls(model, ids, ctx_len, stride, pending, desc, seconds) if pending else []
+        fresh = {}
+        for c, nll, secs in zip(pending, results, seconds):
+            nll_sum = nll.double().sum().item()
+            record = dict(base, book=name, source=source, compressor=c.name, settings=c.settings(), label=c.label,
+                          book_tokens=ids.numel(), tokens=nll.numel(), nll_sum=nll_sum,
+                          ppl=math.exp(nll_sum / nll.numel()), seconds=round(secs, 3),
+                          configs_in_pass=len(pending), threads=torch.get_num_threads())
+            append_jsonl(path, record)
+            fresh[c.label] = record
+        records += [fresh.get(c.label) or done[key] for c, key in keyed]
+    return records

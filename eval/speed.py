@@ -1,0 +1,199 @@
+"""Speed and memory of greedy generation with and without KV-cache compression, measured in one run.
+
+Definitions (the same for every config, so ratios within a run are what to compare):
+- TTFT: the prefill with `last_only=True` (compression included, as it runs at the end of the prefill)
+  plus the argmax of the first token.
+- compression: the time spent in `KVCache.compress` (scoring, top-k, gather) inside that same prefill,
+  timed directly (`cache.compress_seconds`), not as a difference of two noisy prefills.
+- TPOT: the median time of one decode step (forward of one token + argmax) after WARMUP_STEPS steps;
+  tokens/s = 1000 / TPOT in ms (decode throughput).
+- KV bytes: what the cache's tensors hold after the prefill before compression, after it, and at the end.
+- peak RSS: the process's peak resident memory during the run (model weights included): Linux resets
+  the peak (VmHWM) before each run; elsewhere it is the process's peak so far (getrusage).
+- transformers (--hf): `generate` (greedy) on the same checkpoint, prompt, dtype and new tokens; TTFT is a
+  max_new_tokens=1 call; TPOT the median interval between the calls of a LogitsProcessor, which
+  `generate` runs once per token, after the same warm-up.
+Configs are interleaved within each repeat so that drift of the machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minipythia import Compressor, Generation, generate
+from minipythia.generation import WARMUP_STEPS
+
+from .results import append_jsonl
+
+def reset_peak_rss() -> bool:
+    """Linux lets a process reset its peak RSS (VmHWM), so that each run's peak is its own. Memory freed
+    earlier (the PPL part's logits, say) is first handed back to the system, else it would count."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory since the last reset_peak_rss(), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kib / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def timed_run(model, prompt: torch.Tensor, compressor: Compressor | None, new_tokens: int):
+    """One greedy generation of new_tokens (every figure is in the Generation) and its peak RSS."""
+    reset_peak_rss()
+    result = generate(model, prompt, new_tokens, compressor=compressor)
+    return result, peak_rss_mib()
+
+
+def summarize(runs: list[tuple[Generation, float]]) -> dict:
+    steps = [s for g, _ in runs for s in g.step_s[WARMUP_STEPS:]]
+    tpot = statistics.median(steps)
+    last = runs[-1][0]
+    return dict(ttft_ms=1e3 * statistics.median(g.ttft_s for g, _ in runs),
+                compress_ms=1e3 * statistics.median(g.compress_s for g, _ in runs),
+                tpot_ms=1e3 * tpot, tok_s=1 / tpot, kv_prefill_bytes=last.kv_bytes_prefill,
+                kv_compressed_bytes=last.kv_bytes_compressed, kv_end_bytes=last.kv_bytes_end,
+                kept_after_prefill=last.kept_after_prefill, peak_rss_mib=round(max(p for _, p in runs), 1),
+                tokens=last.tokens, deterministic=all(g.tokens == last.tokens for g, _ in runs))
+
+
+def check_speed_args(new_tokens: int, repeats: int):
+    warmup = WARMUP_STEPS
+    if new_tokens < warmup + 2:
+        raise ValueError(f"--new-tokens must be >= {warmup + 2} (the first token, {warmup} warm-up steps, "
+                         f"at least one timed step), got {new_tokens}")
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+
+
+def measure(model, prompts: dict[int, torch.Tensor], configs: list[Compressor], new_tokens: int, repeats: int,
+            on_result=None) -> list[dict]:
+    """For each prompt length and config: the summary of `repeats` runs. prompts: length -> ids (L,)."""
+    check_speed_args(new_tokens, repeats)
+    device = model.embed_in.weight.device
+    shortest = prompts[min(prompts)].to(device).view(1, -1)
+    for c in configs:  # warms up the allocator and thread pool before anything is timed
+        timed_run(model, shortest, c, WARMUP_STEPS + 2)
+    results = []
+    for length, ids in prompts.items():
+        prompt = ids.to(device).view(1, -1)
+        runs = {c.label: [] for c in configs}
+        for _ in range(repeats):
+            for c in configs:
+                runs[c.label].append(timed_run(model, prompt, c, new_tokens))
+        for c in configs:
+            row = dict(engine="minipythia", compressor=c.name, settings=c.settings(), label=c.label,
+                       prompt_len=length, **summarize(runs[c.label]))
+            results.append(row)
+            if on_result:
+                on_result(row)
+    return results
+
+
+def load_hf(directory, dtype: torch.dtype):
+    """transformers' GPTNeoXForCausalLM on the same checkpoint, or None when transformers is missing."""
+    try:
+        import transformers
+        from transformers import GPTNeoXForCausalLM
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return GPTNeoXForCausalLM.from_pretrained(str(directory), **{dtype_kw: dtype}).eval()
+
+
+@torch.inference_mode()
+def measure_hf(hf, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: int,
+               on_result=None) -> list[dict]:
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Stamps(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    eos = hf.config.eos_token_id if hf.config.eos_token_id is not None else 0
+
+    def hf_generate(prompt, n, processors=()):
+        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=eos, logits_processor=LogitsProcessorList(processors))
+
+    hf_generate(prompts[min(prompts)].view(1, -1), WARMUP_STEPS + 2)
+    results = []
+    for length, ids in prompts.items():
+        prompt = ids.view(1, -1)
+        ttfts, steps, peaks = [], [], []
+        for _ in range(repeats):
+            reset_peak_rss()
+            t = time.perf_counter()
+            hf_generate(prompt, 1)
+            ttfts.append(time.perf_counter() - t)
+            stamps = Stamps()
+            out = hf_generate(prompt, new_tokens, [stamps])
+            steps += [b - a for a, b in zip(stamps.times, stamps.times[1:])][WARMUP_STEPS:]
+            peaks.append(peak_rss_mib())
+        tpot = statistics.median(steps)
+        row = dict(engine="transformers", compressor="none", settings={}, label="none", prompt_len=length,
+                   ttft_ms=1e3 * statistics.median(ttfts), tpot_ms=1e3 * tpot, tok_s=1 / tpot,
+                   peak_rss_mib=round(max(peaks), 1), tokens=out[0, length:].tolist())
+        results.append(row)
+        if on_result:
+            on_result(row)
+    return results
+
+
+def run_speed(model, prompts: dict[int, torch.Tensor], configs: list[Compressor], new_tokens: int, repeats: int,
+              out, meta: dict, hf_dir=None) -> list[dict]:
+    """measure() (and measure_hf() when hf_dir is given) with each row appended to out/speed.jsonl.
+
+    meta (model, dtype, prompt source, ...) goes into every row, with a `run` id shared by the rows of this run.
+    """
+    path = Path(out) / "speed.jsonl"
+    meta = dict(meta, run=time.strftime("%Y%m%d-%H%M%S"), new_tokens=new_tokens, repeats=repeats,
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                peak_rss_scope="per run" if reset_peak_rss() else "process so far")
+    rows = []
+
+    def save(row):
+        row = dict(meta, **row)
+        append_jsonl(path, row)
+        rows.append(row)
+
+    print(f"speed: {len(prompts)} prompt length(s) x {len(configs)} config(s) x {repeats} repeat(s), "
+          f"{new_tokens} new tokens", file=sys.stderr)
+    measure(model, prompts, configs, new_tokens, repeats, on_result=save)
+    if hf_dir is not None:
+        hf = load_hf(hf_dir, model.embed_in.weight.dtype)
+        if hf is None:
+            print("note: transformers is not installed; --hf comparison skipped", file=sys.stderr)
+        else:
+            ours = {r["prompt_len"]: r["tokens"] for r in rows if r["label"] == "none"}
+            measure_hf(hf, prompts, new_tokens, repeats,
+                       on_result=lambda r: save(dict(r, same_tokens=r["tokens"] == ours.get(r["prompt_len"]))))
+            del hf
+    return rows

@@ -1,0 +1,304 @@
+"""The eval package: sliding-window NLLs against the Hugging Face procedure, compressors in the loop,
+JSONL results with resume, and the `python -m eval` commands on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval.__main__ import main
+from eval.data import DataError, load_books, tokenized_books
+from eval.ppl import run_ppl, sliding_window_nll, sliding_window_nlls, windows
+from eval.results import append_jsonl, read_jsonl
+from minipythia import KnormPress, NoCompression, Pythia, SnapKV, Tokenizer
+from minipythia.cli import run_cli
+
+from conftest import pg19_dir, pythia_tokenizer_path
+
+REPO = Path(__file__).resolve().parents[1]
+PPL_FIELDS = {"book", "model", "dtype", "compressor", "settings", "label", "ctx_len", "stride", "max_tokens",
+              "tokens", "nll_sum", "ppl", "seconds"}
+
+
+def hf_sliding_window_nll(hf, ids: torch.Tensor, ctx_len: int, stride: int) -> torch.Tensor:
+    """The loop of HF's "Perplexity of fixed-length models" page, kept per token instead of averaged."""
+    nlls, prev_end = [], 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + ctx_len, ids.numel())
+        trg_len = end - prev_end
+        input_ids = ids[begin:end].unsqueeze(0)
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            out = hf(input_ids, labels=target_ids)
+        labels = target_ids[0, 1:]
+        per_token = F.cross_entropy(out.logits[0, :-1].float(), labels, ignore_index=-100, reduction="none")
+        per_token = per_token[labels != -100]
+        if per_token.numel():
+            assert abs(per_token.mean() - out.loss) < 1e-5  # the same tokens HF's own loss averages
+        nlls.append(per_token)
+        prev_end = end
+        if end == ids.numel():
+            break
+    return torch.cat(nlls)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return Pythia.from_pretrained(tiny_checkpoint).eval()
+
+
+def ids_of(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def books_dir(tmp_path_factory) -> Path:
+    """Three .txt books of generated sentences (a few hundred tiny-tokenizer tokens each)."""
+    words = "the quick brown fox jumps over a lazy dog while seven old men read long books by the sea".split()
+    g = torch.Generator().manual_seed(1)
+    directory = tmp_path_factory.mktemp("books")
+    for name, sentences in (("alpha", 40), ("beta", 30), ("gamma", 25)):
+        text = "\n".join(" ".join(words[j] for j in torch.randint(len(words), (10,), generator=g)) + "."
+                         for _ in range(sentences))
+        (directory / f"{name}.txt").write_text(text)
+    (directory / "notes.md").write_text("not a book")
+    return directory
+
+
+def run_eval(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "eval", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+# --- the sliding-window procedure -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, ctx_len, stride",
+                         [(200, 64, 16), (203, 64, 16), (150, 64, 64), (131, 50, 7), (40, 64, 16), (129, 64, 64)])
+def test_windows_score_each_token_once(n, ctx_len, stride):
+    spans = list(windows(n, ctx_len, stride))
+    assert spans[0][:1] == (0,) and spans[-1][1] == n
+    targets = [t for begin, end, prompt in spans for t in range(begin + max(prompt, 1), end)]
+    expected_unscored = sum(1 for _, _, prompt in spans if prompt == 0)  # HF's shift drops their first token
+    assert targets == sorted(set(targets)) and len(targets) == n - expected_unscored
+
+
+@pytest.mark.parametrize("n, ctx_len, stride", [(203, 64, 16), (150, 64, 64), (131, 50, 7), (129, 64, 64)])
+def test_nll_matches_hf_sliding_window(tiny_hf_and_checkpoint, n, ctx_len, stride):
+    """THE parity: per-token NLLs equal those of transformers running HF's loop on the same weights."""
+    hf, checkpoint = tiny_hf_and_checkpoint
+    model = Pythia.from_pretrained(checkpoint).eval()
+    ids = ids_of(n)
+    ours = sliding_window_nll(model, ids, ctx_len, stride)
+    reference = hf_sliding_window_nll(hf, ids, ctx_len, stride)
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().max() <= 1e-4
+    assert ours.dtype == torch.float32
+
+
+@pytest.mark.parametrize("compressor", [KnormPress(0.0), SnapKV(window_size=8, max_capacity_prompt=49),
+                                        SnapKV(window_size=8, max_capacity_prompt=48)])
+def test_compressor_that_keeps_everything_changes_nothing(tiny, compressor):
+    # Prompts are ctx_len - stride = 48 entries: SnapKV with C=48 runs its selection but keeps all 48.
+    ids = ids_of(203)
+    assert torch.equal(sliding_window_nll(tiny, ids, 64, 16, compressor), sliding_window_nll(tiny, ids, 64, 16))
+
+
+def test_compressor_changes_only_windows_whose_prompt_exceeds_capacity(tiny):
+    ids = ids_of(203)
+    none = sliding_window_nll(tiny, ids, 64, 16)
+    snap = sliding_window_nll(tiny, ids, 64, 16, SnapKV(window_size=8, max_capacity_prompt=32))
+    assert torch.equal(snap[:63], none[:63])  # the first window has no prompt
+    for start in range(63, none.numel(), 16):
+        # a window's first target comes from the prefill, which attends to the full KV
+        assert snap[start] == none[start]
+        assert not torch.equal(snap[start + 1 : start + 16], none[start + 1 : start + 16])
+    # stride 40 leaves 24-token prompts, under the capacity: nothing is evicted
+    assert torch.equal(sliding_window_nll(tiny, ids, 64, 40, SnapKV(window_size=8, max_capacity_prompt=32)),
+                       sliding_window_nll(tiny, ids, 64, 40))
+
+
+def test_shared_prefill_equals_separate_runs(tiny):
+    ids = ids_of(203)
+    configs = [NoCompression(), KnormPress(0.5), SnapKV(window_size=8, max_capacity_prompt=32, pooling="maxpool")]
+    seconds = [0.0] * 3
+    shared = sliding_window_nlls(tiny, ids, 64, 16, configs, seconds=seconds)
+    for c, nll in zip(configs, shared):
+        assert torch.equal(nll, sliding_window_nll(tiny, ids, 64, 16, c)), c.label
+    assert all(s > 0 for s in seconds)
+
+
+def test_window_arguments_are_checked(tiny):
+    for ctx_len, stride in ((64, 65), (64, 0), (1, 1)):
+        with pytest.raises(ValueError):
+            sliding_window_nll(tiny, ids_of(100), ctx_len, stride)
+
+
+# --- results, resume, data ------------------------------------------------------------------------------------
+
+
+def test_run_ppl_writes_records_and_resume_skips_them(tiny, tmp_path, monkeypatch):
+    books = [("a", "a.txt", ids_of(150, 1)), ("b", "b.txt", ids_of(100, 2))]
+    meta = dict(model="tiny", revision=None, dtype="float32")
+    configs = [NoCompression(), KnormPress(0.5)]
+    first = run_ppl(tiny, books, configs, tmp_path, meta, 64, 32, None)
+    lines = read_jsonl(tmp_path / "ppl.jsonl")
+    assert len(lines) == 4 and lines == first
+    assert PPL_FIELDS <= set(lines[0])
+    assert lines[0]["tokens"] == 149 and lines[0]["settings"] == {} and lines[1]["settings"]["compression_ratio"] == 0.5
+    assert lines[0]["ppl"] == pytest.approx(math.exp(lines[0]["nll_sum"] / 149))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished (book, config) was computed again")
+
+    monkeypatch.setattr("eval.ppl.sliding_window_nlls", fail)
+    assert run_ppl(tiny, books, configs, tmp_path, meta, 64, 32, None) == first
+    assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 4
+    monkeypatch.undo()
+    with open(tmp_path / "ppl.jsonl", "a") as f:
+        f.write('{"book": "cut off by a kill')  # an interrupted write: ignored, and the next record starts afresh
+    run_ppl(tiny, books, [SnapKV(window_size=4, max_capacity_prompt=16)], tmp_path, meta, 64, 32, None)
+    assert [r["label"] for r in read_jsonl(tmp_path / "ppl.jsonl")][4:] == ["snapkv_w4_c16_k5_avgpool"] * 2
+
+
+def test_append_jsonl_roundtrip(tmp_path):
+    append_jsonl(tmp_path / "x" / "r.jsonl", {"a": 1})
+    append_jsonl(tmp_path / "x" / "r.jsonl", {"a": 2})
+    assert read_jsonl(tmp_path / "x" / "r.jsonl") == [{"a": 1}, {"a": 2}] and read_jsonl(tmp_path / "none") == []
+
+
+def test_load_books(books_dir, tiny_checkpoint):
+    books = load_books([str(books_dir)])
+    assert [b.name for b in books] == ["alpha", "beta", "gamma"]
+    assert [b.name for b in load_books([str(books_dir)], books=2)] == ["alpha", "beta"]
+    files = [str(books_dir / "gamma.txt"), str(books_dir / "alpha.txt")]
+    assert [b.name for b in load_books(files)] == ["gamma", "alpha"]
+    tokenized = tokenized_books(books, Tokenizer.from_pretrained(tiny_checkpoint), max_tokens=100)
+    assert all(ids.numel() == 100 for _, _, ids in tokenized)
+    with pytest.raises(DataError, match="does not exist"):
+        load_books([str(books_dir / "missing")])
+    with pytest.raises(DataError, match="no .txt books"):
+        load_books([str(books_dir.parent)])
+
+
+def test_pg19_offline_says_how_to_pass_a_directory(monkeypatch, books_dir):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'emozilla/pg19-test' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.delenv("PG19_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as e:
+        load_books(["pg19"])
+    assert "--data DIR" in str(e.value) and "PG19_DIR" in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.setenv("PG19_DIR", str(books_dir))
+    assert len(load_books(["pg19"])) == 3
+
+
+@pytest.mark.skipif(pg19_dir() is None, reason="no local PG-19 books (../shared or $PG19_DIR)")
+@pytest.mark.skipif(pythia_tokenizer_path() is None, reason="no GPT-NeoX-20B tokenizer.json")
+def test_real_pg19_books_load_and_tokenize():
+    books = load_books([str(pg19_dir())])
+    assert len(books) >= 1
+    tokenized = tokenized_books(books, Tokenizer(pythia_tokenizer_path()))
+    assert all(ids.numel() > 50_000 for _, _, ids in tokenized), [(n, ids.numel()) for n, _, ids in tokenized]
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+
+
+def test_ppl_cli_writes_jsonl_and_resumes(tiny_checkpoint, books_dir, tmp_path, capsys):
+    args = ["ppl", "--model", tiny_checkpoint, "--data", books_dir, "--books", "2", "--max-tokens", "150",
+            "--ctx-len", "64", "--stride", "32", "--out", tmp_path]
+    r = run_eval(*args, "--compressor", "snapkv", "--window-size", "4", "--max-capacity-prompt", "16")
+    assert r.returncode == 0, r.stderr
+    records = read_jsonl(tmp_path / "ppl.jsonl")
+    assert [(x["book"], x["label"], x["tokens"]) for x in records] == [("alpha", "snapkv_w4_c16_k5_avgpool", 149),
+                                                                      ("beta", "snapkv_w4_c16_k5_avgpool", 149)]
+    assert PPL_FIELDS <= set(records[0]) and records[0]["max_tokens"] == 150
+    assert "| snapkv_w4_c16_k5_avgpool | 2 | 298 |" in r.stdout  # the summary table
+    # the rerun in-process (same code path, without a second interpreter start)
+    argv = [str(a) for a in args] + ["--compressor", "snapkv", "--window-size", "4", "--max-capacity-prompt", "16"]
+    assert run_cli(main, argv) == 0
+    assert "skipped" in capsys.readouterr().err and len(read_jsonl(tmp_path / "ppl.jsonl")) == 2
+
+
+def test_speed_cli_with_hf(tiny_checkpoint, books_dir, tmp_path):
+    r = run_eval("speed", "--model", tiny_checkpoint, "--prompt-lens", "32,64", "--new-tokens", "6", "--repeats", "1",
+                 "--compressor", "snapkv", "--window-size", "4", "--max-capacity-prompt", "16", "--data", books_dir,
+                 "--hf", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = read_jsonl(tmp_path / "speed.jsonl")
+    assert [(x["engine"], x["label"], x["prompt_len"]) for x in rows] == [
+        ("minipythia", "none", 32), ("minipythia", "snapkv_w4_c16_k5_avgpool", 32),
+        ("minipythia", "none", 64), ("minipythia", "snapkv_w4_c16_k5_avgpool", 64),
+        ("transformers", "none", 32), ("transformers", "none", 64)]
+    none, snap = rows[2], rows[3]
+    assert snap["kv_prefill_bytes"] == none["kv_prefill_bytes"] == none["kv_compressed_bytes"]
+    assert snap["kv_compressed_bytes"] < snap["kv_prefill_bytes"]
+    assert snap["kept_after_prefill"] == 16 and none["kept_after_prefill"] == 64 and snap["compress_ms"] > 0
+    assert snap["kv_end_bytes"] > snap["kv_compressed_bytes"]
+    assert all(x["ttft_ms"] > 0 and x["tpot_ms"] > 0 and len(x["tokens"]) == 6 for x in rows)
+    assert all(x["same_tokens"] for x in rows[4:])  # transformers' greedy tokens equal ours
+    assert rows[0]["prompt_source"].startswith("text") and "TPOT ms" in r.stdout
+
+
+def test_suite_cli_runs_resumes_and_reports(tiny_checkpoint, books_dir, tmp_path, capsys):
+    args = ["suite", "--model", tiny_checkpoint, "--data", books_dir, "--books", "2", "--max-tokens", "120",
+            "--ctx-len", "64", "--stride", "32", "--prompt-lens", "32,64", "--new-tokens", "6", "--repeats", "1",
+            "--out", tmp_path]
+    r = run_eval(*args)
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 12 and len(read_jsonl(tmp_path / "speed.jsonl")) == 6
+    report = (tmp_path / "report.md").read_text()
+    for label in ("none", "knorm_r0.5", "knorm_r0.75", "snapkv_w32_c256_k5_avgpool", "snapkv_w32_c1024_k5_avgpool"):
+        assert f"| {label} |" in report
+    assert "python -m eval suite --model" in report and "TPOT ms" in report and str(tiny_checkpoint) in report
+    assert run_cli(main, [str(a) for a in args]) == 0  # the rerun, in-process
+    assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 12
+    assert len(read_jsonl(tmp_path / "speed.jsonl")) == 6 and "speed: a complete run" in capsys.readouterr().err
+    report = (tmp_path / "report.md").read_text()
+    assert "- run 2:" in report
+    (tmp_path / "report.md").unlink()
+    assert run_cli(main, ["report", str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text() == report
+
+
+def test_suite_without_data_still_measures_speed(tiny_checkpoint, tmp_path):
+    r = run_eval("suite", "--model", tiny_checkpoint, "--data", tmp_path / "no-such-dir", "--prompt-lens", "32",
+                 "--new-tokens", "6", "--repeats", "1", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "No PPL" in report and "--data DIR" in report and "random token ids" in report
+    assert not (tmp_path / "out" / "ppl.jsonl").exists()
+
+
+def test_bad_input_is_one_error_line_and_exit_code_2(tiny_checkpoint, tmp_path):
+    r = run_eval("ppl", "--model", tiny_checkpoint, "--data", tmp_path / "missing", "--out", tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--ctx-len", "64", "--stride", "65"], "--stride"),
+    (["--compressor", "snapkv", "--kernel-size", "4"], "kernel_size"),
+    (["--max-tokens", "1"], "--max-tokens"),
+    (["--data-empty"], "no .txt books"),
+])
+def test_bad_ppl_inputs(tiny_checkpoint, books_dir, tmp_path, capsys, extra, message):
+    data = books_dir
+    if extra == ["--data-empty"]:
+        extra, data = [], tmp_path
+    argv = ["ppl", "--model", str(tiny_checkpoint), "--data", str(data), "--ctx-len", "64", "--stride", "32",
+            "--out", str(tmp_path), *extra]
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
