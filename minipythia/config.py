@@ -46,7 +46,7 @@ class PythiaConfig:
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported; Pythia uses 'gelu'")
         if d.get("tie_word_embeddings", False):
             raise ValueError("tie_word_embeddings=true is not supported; Pythia's embed_out is untied")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope = d.get("rope_parameters") or {}
         rotary_pct = d.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))
         rotary_base = d.get("rotary_emb_base", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         eos = d.get("eos_token_id", 0)
