@@ -84,10 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(args) -> tuple[Pythia, Tokenizer]:
-    tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model, args.revision)
-    model = Pythia.from_pretrained(args.model, dtype=DTYPES[args.dtype], revision=args.revision).eval()
-    return model, tokenizer
+def load_model(args) -> tuple[Pythia, Tokenizer, Path]:
+    """The model, its tokenizer and the checkpoint directory (resolved once: a hub id downloads once)."""
+    directory = resolve(args.model, args.revision)
+    tokenizer = Tokenizer.from_pretrained(args.tokenizer or directory)
+    model = Pythia.from_pretrained(directory, dtype=DTYPES[args.dtype])
+    return model, tokenizer, directory
 
 
 def warn_positions(model, length: int, what: str):
@@ -101,7 +103,7 @@ def cmd_ppl(args):
     check_max_tokens(args.max_tokens)
     compressor = compressor_from_args(args)
     books = load_books(args.data, args.books)
-    model, tokenizer = load_model(args)
+    model, tokenizer, _ = load_model(args)
     warn_positions(model, args.ctx_len, "--ctx-len")
     tokenized = tokenized_books(books, tokenizer, args.max_tokens)
     meta = dict(model=args.model, revision=args.revision, dtype=args.dtype)
@@ -115,12 +117,12 @@ def cmd_speed(args):
     compressor = compressor_from_args(args)
     configs = [NoCompression()] + ([compressor] if compressor.name != "none" else [])
     books = load_books(args.data, args.books) if args.data else []
-    model, tokenizer = load_model(args)
+    model, tokenizer, directory = load_model(args)
     warn_positions(model, max(args.prompt_lens), "prompt length")
     prompts, source = speed_prompts(args.prompt_lens, books, tokenizer, model.config.vocab_size)
     rows = run_speed(model, prompts, configs, args.new_tokens, args.repeats, Path(args.out),
                      dict(model=args.model, revision=args.revision, dtype=args.dtype, prompt_source=source),
-                     hf_dir=resolve(args.model, args.revision) if args.hf else None)
+                     hf_dir=directory if args.hf else None)
     print(speed_table(rows))
     print(f"results: {Path(args.out) / 'speed.jsonl'}")
 
@@ -129,9 +131,9 @@ def cmd_suite(args, command: str):
     check_window_args(args.ctx_len, args.stride)
     check_max_tokens(None if args.full_books else args.max_tokens)
     check_speed_args(args.new_tokens, args.repeats)
-    model, tokenizer = load_model(args)
+    model, tokenizer, directory = load_model(args)
     warn_positions(model, args.ctx_len, "--ctx-len")
-    run_suite(args, model, tokenizer, command)
+    run_suite(args, model, tokenizer, directory, command)
 
 
 def main(argv=None):

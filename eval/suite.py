@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from minipythia import KnormPress, NoCompression, SnapKV
-from minipythia.weights import resolve
 
 from .data import PG19_HUB, DataError, load_books, speed_prompts, tokenized_books
 from .ppl import run_ppl
@@ -52,7 +51,7 @@ def complete_speed_run(path: Path, key: str, expected_rows: int) -> bool:
     return expected_rows in runs.values()
 
 
-def run_suite(args, model, tokenizer, command: str) -> Path:
+def run_suite(args, model, tokenizer, directory: Path, command: str) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.perf_counter()
@@ -87,7 +86,7 @@ def run_suite(args, model, tokenizer, command: str) -> Path:
     else:
         rows = run_speed(model, prompts, SPEED_CONFIGS, args.new_tokens, args.repeats, out,
                          dict(meta, prompt_source=source, settings_key=key),
-                         hf_dir=resolve(args.model, args.revision) if args.hf else None)
+                         hf_dir=directory if args.hf else None)
         print("\n" + speed_table(rows) + "\n")
     t_end = time.perf_counter()
 
