@@ -85,18 +85,12 @@ def write_published_checkpoint(hf_model, directory: Path, tokenizer_json: Path |
 
 def train_tiny_tokenizer(path: Path, vocab_size: int = 512) -> Path:
     """A byte-level BPE trained on a few generated sentences: enough for CLI and eval smoke tests."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from minipythia.train import train_tokenizer
 
     words = "the quick brown fox jumps over a lazy dog while seven old men read long books by the sea".split()
     g = torch.Generator().manual_seed(0)
     text = [" ".join(words[j] for j in torch.randint(len(words), (12,), generator=g)) + "." for _ in range(300)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(path))
-    return path
+    return train_tokenizer(text, vocab_size, path)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,97 @@
+"""The trainer: it learns, it writes a checkpoint both minipythia and transformers load, and it resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+from minipythia.model import Pythia
+from minipythia.tokenizer import Tokenizer
+from minipythia.train import batch_at, learning_rate, main
+
+ARGS = ["--vocab-size", "300", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq-len", "32",
+        "--batch-size", "4", "--warmup", "5", "--eval-every", "10", "--save-every", "10", "--val-books", "1"]
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory):
+    root = tmp_path_factory.mktemp("books")
+    words = "a small cat sat on the warm mat and looked at the old red door".split()
+    g = torch.Generator().manual_seed(1)
+    for i in range(3):
+        text = " ".join(words[j] for j in torch.randint(len(words), (3000,), generator=g))
+        (root / f"book{i}.txt").write_text(text)
+    return root
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    lrs = [learning_rate(s, 100, 10, 1e-3, 1e-4) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+
+
+def test_batches_are_a_function_of_the_step():
+    tokens = torch.arange(1000, dtype=torch.int32)
+    x, y = batch_at(tokens, 7, 4, 16, seed=0)
+    assert torch.equal(x, batch_at(tokens, 7, 4, 16, seed=0)[0])
+    assert not torch.equal(x, batch_at(tokens, 8, 4, 16, seed=0)[0])
+    assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
+
+
+def test_train_learns_and_writes_a_checkpoint_transformers_loads(books, tmp_path):
+    out = tmp_path / "ckpt"
+    assert main([str(books), str(out), *ARGS, "--steps", "40"]) == 0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["val_loss"] < log[0]["loss"] - 1.0  # far below the ~5.7 nats of a uniform guess
+    assert (out / "loss.png").stat().st_size > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["rotary_pct"] == 0.25 and config["use_parallel_residual"] and not config["tie_word_embeddings"]
+
+    from transformers import GPTNeoXForCausalLM
+
+    ours = Pythia.from_pretrained(out)
+    theirs = GPTNeoXForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ids = torch.tensor([Tokenizer.from_pretrained(out).encode("the old cat sat on a red mat")])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(books, tmp_path, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    main([str(books), str(whole), *ARGS, "--steps", "20"])
+
+    # Interrupt the same command during step 15 (its state was saved at step 10), then run it again.
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def interrupting_clip(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 15:
+            raise KeyboardInterrupt
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupting_clip)
+    with pytest.raises(KeyboardInterrupt):
+        main([str(books), str(split), *ARGS, "--steps", "20"])
+    assert torch.load(split / "train-state" / "state.pt")["step"] == 10
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    main([str(books), str(split), *ARGS, "--steps", "20"])
+
+    a, b = Pythia.from_pretrained(whole), Pythia.from_pretrained(split)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert (whole / "train_log.jsonl").read_text().count("\n") == (split / "train_log.jsonl").read_text().count("\n")
+
+
+def test_resuming_with_other_options_is_refused(books, tmp_path):
+    out = tmp_path / "ckpt"
+    main([str(books), str(out), *ARGS, "--steps", "10"])
+    with pytest.raises(ValueError, match="other options"):
+        main([str(books), str(out), *ARGS, "--steps", "10", "--lr", "1e-2"])
+
+
+def test_bad_data_dir_is_a_one_line_error(tmp_path, capsys):
+    from minipythia.cli import run_cli
+
+    assert run_cli(main, [str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
