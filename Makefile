@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 # The CPU wheel of torch (a plain `torch` resolves to a multi-GB CUDA build on Linux).
 TORCH  ?= torch==2.13.0
 
-MODEL ?= EleutherAI/pythia-70m-deduped
+# Empty: EleutherAI/pythia-70m-deduped when cached or reachable, else the embedded weights/tiny-pg19.
+MODEL ?=
 DATA  ?= pg19
 OUT   ?= results/eval
 
@@ -24,10 +25,10 @@ test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 eval: venv
-	$(BIN)/python -m eval suite --model $(MODEL) --data $(DATA) --out $(OUT) $(EVAL_ARGS)
+	$(BIN)/python -m eval suite $(if $(MODEL),--model $(MODEL)) --data $(DATA) --out $(OUT) $(EVAL_ARGS)
 
 download: venv
-	$(BIN)/python -m minipythia.download $(MODEL)
+	$(BIN)/python -m minipythia.download $(or $(MODEL),EleutherAI/pythia-70m-deduped)
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

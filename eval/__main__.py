@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from minipythia import NoCompression, Pythia, Tokenizer
-from minipythia.cli import DTYPES, add_compressor_args, add_model_args, compressor_from_args, run_cli
-from minipythia.weights import resolve
+from minipythia.cli import (DTYPES, add_compressor_args, add_model_args, compressor_from_args, resolve_model_arg,
+                            run_cli)
 
 from .data import check_max_tokens, load_books, speed_prompts, tokenized_books
 from .ppl import check_window_args, run_ppl
@@ -36,8 +36,9 @@ def add_data_args(parser, required: bool):
 
 
 def add_window_args(parser):
-    parser.add_argument("--ctx-len", type=int, default=2048, help="window length (Pythia's trained length: 2048)")
-    parser.add_argument("--stride", type=int, default=512, help="targets scored per window")
+    parser.add_argument("--ctx-len", type=int, default=None,
+                        help="window length (default: the model's trained length, at most 2048)")
+    parser.add_argument("--stride", type=int, default=None, help="targets scored per window (default: ctx_len / 4)")
 
 
 def add_speed_args(parser):
@@ -86,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_model(args) -> tuple[Pythia, Tokenizer, Path]:
     """The model, its tokenizer and the checkpoint directory (resolved once: a hub id downloads once)."""
-    directory = resolve(args.model, args.revision)
+    directory = resolve_model_arg(args)
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or directory)
     model = Pythia.from_pretrained(directory, dtype=DTYPES[args.dtype])
+    if "ctx_len" in args:
+        args.ctx_len = args.ctx_len or min(2048, model.config.max_position_embeddings)
+        args.stride = args.stride or args.ctx_len // 4  # 2048 / 512 as in the Pythia protocol
+        check_window_args(args.ctx_len, args.stride)
     return model, tokenizer, directory
 
 

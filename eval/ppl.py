@@ -23,10 +23,11 @@ from minipythia import Compressor, KVCache, NoCompression
 from .results import append_jsonl, read_jsonl
 
 
-def check_window_args(ctx_len: int, stride: int):
-    if ctx_len < 2:
+def check_window_args(ctx_len: int | None, stride: int | None):
+    """Fails fast on bad windows; None (a default that depends on the model) is checked once it is filled."""
+    if ctx_len is not None and ctx_len < 2:
         raise ValueError(f"--ctx-len must be >= 2, got {ctx_len}")
-    if not 1 <= stride <= ctx_len:
+    if stride is not None and not 1 <= stride <= (ctx_len or stride):
         raise ValueError(f"--stride must be in [1, ctx_len={ctx_len}], got {stride}")
 
 
@@ -136,22 +137,36 @@ def record_key(r: dict) -> tuple:
             r["max_tokens"])
 
 
+def kept_per_head(compressor: Compressor, num_layers: int, prompt_len: int) -> float:
+    """Entries per head a compressor leaves of a prompt_len-token prompt, averaged over layers (the
+    cache keeps min(keep_count, length) in each layer): the KV budget of a config, for tables and plots."""
+    return sum(min(compressor.keep_count(layer, prompt_len), prompt_len) for layer in range(num_layers)) / num_layers
+
+
 def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], out: Path,
-            meta: dict, ctx_len: int, stride: int, max_tokens: int | None) -> list[dict]:
+            meta: dict, ctx_len: int, stride: int, max_tokens: int | None, path_of=None) -> list[dict]:
     """PPL of every (book, config) not yet in out/ppl.jsonl, appended as each book finishes.
 
     books: (name, source, ids); meta: model, revision, dtype (in every record and key).
-    Returns the records of all requested pairs, resumed ones included.
+    path_of(config) -> the jsonl file of that config (a sweep gives each config its own folder);
+    default: all configs in out/ppl.jsonl. Returns the records of all requested pairs, resumed ones included.
     """
-    path = Path(out) / "ppl.jsonl"
-    done = {record_key(r): r for r in read_jsonl(path)}
+    if path_of is None:
+        def path_of(c):
+            return Path(out) / "ppl.jsonl"
+    done = {record_key(r): r for path in dict.fromkeys(path_of(c) for c in configs) for r in read_jsonl(path)}
     base = dict(meta, ctx_len=ctx_len, stride=stride, max_tokens=max_tokens)
+    # The steady-state window prompt (every window after the first): what the budget is measured against.
+    window_prompt = ctx_len - stride
+    budget = {c.label: kept_per_head(c, model.config.num_hidden_layers, window_prompt) for c in configs}
     records = []
     for name, source, ids in books:
         keyed = [(c, record_key(dict(base, book=name, label=c.label))) for c in configs]
         pending = [c for c, key in keyed if key not in done]
         if len(pending) < len(configs):
-            print(f"{name}: {len(configs) - len(pending)} config(s) already in {path}, skipped", file=sys.stderr)
+            paths = {str(path_of(c)) for c, key in keyed if key in done}
+            where = paths.pop() if len(paths) == 1 else f"their {len(paths)} result files"
+            print(f"{name}: {len(configs) - len(pending)} config(s) already in {where}, skipped", file=sys.stderr)
         seconds = [0.0] * len(pending)
         desc = f"{name} ({pending[0].label})" if len(pending) == 1 else f"{name} ({len(pending)} configs)"
         results = sliding_window_nlls(model, ids, ctx_len, stride, pending, desc, seconds) if pending else []
@@ -161,8 +176,9 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
             record = dict(base, book=name, source=source, compressor=c.name, settings=c.settings(), label=c.label,
                           book_tokens=ids.numel(), tokens=nll.numel(), nll_sum=nll_sum,
                           ppl=math.exp(nll_sum / nll.numel()), seconds=round(secs, 3),
-                          configs_in_pass=len(pending), threads=torch.get_num_threads())
-            append_jsonl(path, record)
+                          configs_in_pass=len(pending), threads=torch.get_num_threads(),
+                          window_prompt=window_prompt, kept_per_head=budget[c.label])
+            append_jsonl(path_of(c), record)
             fresh[c.label] = record
         records += [fresh.get(c.label) or done[key] for c, key in keyed]
     return records

@@ -10,11 +10,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cli import DTYPES, add_compressor_args, add_model_args, compressor_from_args, run_cli
+from .cli import DTYPES, add_compressor_args, add_model_args, compressor_from_args, resolve_model_arg, run_cli
 from .generation import check_sampling, generate
 from .model import Pythia
 from .tokenizer import Tokenizer
-from .weights import resolve
 
 
 class TextStream:
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
         raise ValueError("the prompt is empty: pass some text with --prompt or a non-empty --prompt-file")
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     compressor = compressor_from_args(args)
-    directory = resolve(args.model, args.revision)
+    directory = resolve_model_arg(args)
     tokenizer = Tokenizer.from_pretrained(directory)
     model = Pythia.from_pretrained(directory, dtype=DTYPES[args.dtype])
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"

@@ -19,6 +19,10 @@ from safetensors.torch import save_file
 from .config import PythiaConfig, hub_id
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# What the CLIs load when --model is left out: real Pythia when it can be had, else the small model we
+# trained and ship (see weights/tiny-pg19/README.md), so every command runs offline.
+DEFAULT_MODEL = "EleutherAI/pythia-70m-deduped"
+EMBEDDED_MODEL = WEIGHTS_DIR / "tiny-pg19"
 HUB_FILES = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
 
 # Buffers the published files carry that the model recomputes or does not need: the causal mask, its
