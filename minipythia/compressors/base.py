@@ -36,7 +36,7 @@ class Compressor:
 
 
 _ABBREVIATIONS = {"window_size": "w", "max_capacity_prompt": "c", "kernel_size": "k", "compression_ratio": "r",
-                  "skip_layers": "skip"}
+                  "skip_layers": "skip", "n_sink": "sink", "recent_ratio": "recent", "num_layers": "layers"}
 
 
 def _short(key, value) -> str:

@@ -1,0 +1,77 @@
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import KVCache
+from .base import Compressor
+from .none import NoCompression
+
+
+@dataclass
+class Oracle(Compressor):
+    """Oracle: an UPPER BOUND, not a real method. It selects with the attention of the tokens that really
+    come after the prompt, which no compressor can see when it has to decide.
+
+    Per layer and head, of a prompt of L > C = max_capacity_prompt tokens, keeps the C keys that the F
+    future tokens' queries attend to most: score = softmax over the L prompt keys only (float32) of each
+    future query, summed over the F future queries. The future tokens' own keys are left out of the softmax
+    on purpose: the question is only which prompt keys matter, relative to each other. Prompts with
+    L <= C stay whole.
+
+    The caller supplies the future queries before the prefill, per layer, (B, nh, F, hs) after rotary:
+        oracle.future_queries = oracle_future_queries(model, prompt_ids, future_ids)
+    """
+
+    name = "oracle"
+    max_capacity_prompt: int = 512
+
+    def __post_init__(self):
+        if self.max_capacity_prompt < 1:
+            raise ValueError(f"max_capacity_prompt must be >= 1, got {self.max_capacity_prompt}")
+        # A plain attribute, not a dataclass field: it is data, not a setting (settings() and label skip it).
+        self.future_queries: dict[int, torch.Tensor] = {}
+
+    def keep_count(self, layer, seq_len):
+        return min(seq_len, self.max_capacity_prompt)
+
+    def score(self, layer, keys, values, queries):
+        if layer not in self.future_queries:
+            raise ValueError(f"the oracle needs the future tokens' queries of layer {layer}: set "
+                             f"oracle.future_queries = oracle_future_queries(model, prompt_ids, future_ids) first")
+        future_q = self.future_queries[layer].to(keys.device).float()  # (B, nh, F, hs)
+        B, H, L, hs = keys.shape
+        if future_q.shape[:2] != (B, H) or future_q.size(-1) != hs:
+            raise ValueError(f"future queries of layer {layer} have shape {tuple(future_q.shape)}, expected "
+                             f"({B}, {H}, F, {hs}) to match the prompt's keys")
+        attn = (future_q @ keys.float().transpose(-1, -2) / math.sqrt(hs)).softmax(dim=-1)  # (B, nh, F, L)
+        return attn.sum(dim=-2)  # (B, nh, L)
+
+
+class _QueryRecorder(KVCache):
+    """A cache that keeps everything and records each layer's prefill queries: the model hands them to
+    compress() at the end of each layer's prefill attention, exactly the tensors its attention used."""
+
+    def __init__(self, model, batch_size):
+        p = model.embed_in.weight
+        super().__init__(model.config, batch_size, dtype=p.dtype, device=p.device, compressor=NoCompression())
+        self.queries: dict[int, torch.Tensor] = {}
+
+    def compress(self, layer, queries):
+        self.queries[layer] = queries
+
+
+@torch.no_grad()
+def oracle_future_queries(model, prompt_ids, future_ids) -> dict[int, torch.Tensor]:
+    """Runs one uncompressed forward over prompt + future tokens and returns, per layer, the queries of
+    the future positions (B, nh, F, hs) after rotary. ids: (B, L) and (B, F) tensors, or lists of ints."""
+    prompt_ids, future_ids = (torch.as_tensor(ids, dtype=torch.long, device=model.embed_in.weight.device)
+                              for ids in (prompt_ids, future_ids))
+    prompt_ids, future_ids = (ids if ids.dim() == 2 else ids.unsqueeze(0) for ids in (prompt_ids, future_ids))
+    if future_ids.size(1) == 0 or prompt_ids.size(1) == 0:
+        raise ValueError("oracle_future_queries needs a non-empty prompt and at least one future token")
+    ids = torch.cat((prompt_ids, future_ids), dim=1)  # (B, L + F)
+    recorder = _QueryRecorder(model, ids.size(0))
+    model(ids, cache=recorder, last_only=True)
+    L = prompt_ids.size(1)
+    return {layer: q[:, :, L:].clone() for layer, q in recorder.queries.items()}  # not views of (B, nh, L+F, hs)
