@@ -30,6 +30,7 @@ class KVCache:
         self._values: list[torch.Tensor | None] = [None] * n
         self._positions: list[torch.Tensor | None] = [None] * n  # (B, nh, capacity) int64
         self._lengths = [0] * n  # entries in use per layer
+        self._new_positions: torch.Tensor | None = None  # positions of the forward being stored, see append
         self.seen = 0
         self.nbytes_before_compression: int | None = None  # set by the compression at the end of the prefill
         self.compress_seconds = 0.0  # time spent compressing (scoring, top-k, gather), part of the prefill
@@ -73,9 +74,11 @@ class KVCache:
         if buf is None or n + T > buf.size(2):
             # The prefill allocates exactly what it needs; later appends grow in chunks.
             self._grow(layer, n + T if buf is None else n + T + GROWTH)
+        if layer == 0:  # every layer stores the same positions: one arange per forward, not per layer
+            self._new_positions = torch.arange(self.seen, self.seen + T, device=self.device)
         self._keys[layer][:, :, n : n + T] = k
         self._values[layer][:, :, n : n + T] = v
-        self._positions[layer][:, :, n : n + T] = torch.arange(self.seen, self.seen + T, device=self.device)
+        self._positions[layer][:, :, n : n + T] = self._new_positions
         self._lengths[layer] = n + T
         return self.keys(layer), self.values(layer)
 

@@ -125,7 +125,7 @@ def load_pretrained(cls, source, dtype=torch.float32, device="cpu", revision=Non
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}")
     model.load_state_dict(state, assign=True)
-    return model.eval()
+    return model.eval().choose_weight_layout()
 
 
 def save_pretrained(model, directory: str | Path, dtype=torch.float16):
