@@ -10,7 +10,7 @@ MODEL ?=
 DATA  ?= pg19
 OUT   ?= results/eval
 
-.PHONY: venv test eval download clean
+.PHONY: venv test eval eval-full bench download clean
 
 venv: $(VENV)/.installed
 
@@ -24,8 +24,26 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# The compact grid (eval/configs/compact.yaml): none, KnormPress, SnapKV, StreamingLLM and H2O, short runs.
 eval: venv
-	$(BIN)/python -m eval suite $(if $(MODEL),--model $(MODEL)) --data $(DATA) --out $(OUT) $(EVAL_ARGS)
+	$(BIN)/python -m eval sweep eval/configs/compact.yaml $(if $(MODEL),--model $(MODEL)) --data $(DATA) \
+		--out $(OUT) $(EVAL_ARGS)
+
+# The full grid (eval/configs/full.yaml): the seed study's SnapKV grid and every policy at the same capacities.
+# Its own results directory unless OUT is given: one directory holds one sweep's settings.
+eval-full: OUT = results/eval-full
+eval-full: venv
+	$(BIN)/python -m eval sweep eval/configs/full.yaml $(if $(MODEL),--model $(MODEL)) --data $(DATA) \
+		--out $(OUT) $(EVAL_ARGS)
+
+# Speed is a property of the shape, not the values: random weights of the pythia-70m shape, made locally.
+BENCH_MODEL ?= weights/random-70m
+
+weights/random-70m/config.json: | venv
+	$(BIN)/python -m minipythia.random_checkpoint 70m weights/random-70m
+
+bench: venv $(if $(filter weights/random-70m,$(BENCH_MODEL)),weights/random-70m/config.json)
+	$(BIN)/python -m eval bench --model $(BENCH_MODEL) $(BENCH_ARGS)
 
 download: venv
 	$(BIN)/python -m minipythia.download $(or $(MODEL),EleutherAI/pythia-70m-deduped)

@@ -88,6 +88,18 @@ def _from_hub(books: int | None) -> list[Book]:
     return found
 
 
+def book_origin(source: str) -> str:
+    """Where a book came from, for reports: the dataset, or the directory of its file."""
+    return PG19_HUB if source.startswith(PG19_HUB + ":") else str(Path(source).parent)
+
+
+def describe_books(books: list[Book], max_tokens: int | None) -> str:
+    """E.g. '4 book(s) (10146, 10321, 10356, 10762) from ../shared/data/pg19-test, first 8192 tokens of each'."""
+    limit = "full books" if max_tokens is None else f"first {max_tokens} tokens of each"
+    return (f"{len(books)} book(s) ({', '.join(b.name for b in books)}) from "
+            f"{', '.join(sorted({book_origin(b.source) for b in books}))}, {limit}")
+
+
 def tokenize(book: Book, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
     """LongTensor (n,) of the book's first max_tokens tokens (all when None); no BOS, as Pythia was trained."""
     ids = tokenizer.encode(book.text)

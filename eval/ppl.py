@@ -21,6 +21,7 @@ from tqdm import tqdm
 from minipythia import Compressor, KVCache, NoCompression
 
 from .results import append_jsonl, read_jsonl
+from .stream import stream_nlls
 
 
 def check_window_args(ctx_len: int | None, stride: int | None):
@@ -29,6 +30,15 @@ def check_window_args(ctx_len: int | None, stride: int | None):
         raise ValueError(f"--ctx-len must be >= 2, got {ctx_len}")
     if stride is not None and not 1 <= stride <= (ctx_len or stride):
         raise ValueError(f"--stride must be in [1, ctx_len={ctx_len}], got {stride}")
+
+
+def default_windows(model, ctx_len: int | None, stride: int | None) -> tuple[int, int]:
+    """The windows of every eval command: ctx_len defaults to the model's trained length (at most 2048),
+    stride to ctx_len / 4 (2048 / 512 as in the Pythia protocol)."""
+    ctx_len = ctx_len or min(2048, model.config.max_position_embeddings)
+    stride = stride or ctx_len // 4
+    check_window_args(ctx_len, stride)
+    return ctx_len, stride
 
 
 def windows(n: int, ctx_len: int, stride: int):
@@ -133,8 +143,8 @@ def sliding_window_nll(model, ids: torch.Tensor, ctx_len: int = 2048, stride: in
 
 def record_key(r: dict) -> tuple:
     """What identifies a (book, config) result: reruns skip the keys already in ppl.jsonl."""
-    return (r["book"], r["model"], r.get("revision"), r["dtype"], r["label"], r["ctx_len"], r["stride"],
-            r["max_tokens"])
+    return (r["book"], r["model"], r.get("revision"), r["dtype"], r["label"], r.get("mode", "window"), r["ctx_len"],
+            r["stride"], r.get("decode_interval"), r["max_tokens"])
 
 
 def kept_per_head(compressor: Compressor, num_layers: int, prompt_len: int) -> float:
@@ -144,20 +154,28 @@ def kept_per_head(compressor: Compressor, num_layers: int, prompt_len: int) -> f
 
 
 def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], out: Path,
-            meta: dict, ctx_len: int, stride: int, max_tokens: int | None, path_of=None) -> list[dict]:
+            meta: dict, ctx_len: int, stride: int | None, max_tokens: int | None, path_of=None,
+            mode: str = "window", decode_interval: int | None = None) -> list[dict]:
     """PPL of every (book, config) not yet in out/ppl.jsonl, appended as each book finishes.
 
     books: (name, source, ids); meta: model, revision, dtype (in every record and key).
     path_of(config) -> the jsonl file of that config (a sweep gives each config its own folder);
     default: all configs in out/ppl.jsonl. Returns the records of all requested pairs, resumed ones included.
+    mode: "window" (sliding windows of ctx_len tokens advancing by stride) or "stream" (eval/stream.py: token
+    by token, restarting every ctx_len tokens, compressing during decoding every decode_interval; no stride).
     """
+    if mode not in ("window", "stream"):
+        raise ValueError(f"mode must be 'window' or 'stream', got {mode!r}")
     if path_of is None:
         def path_of(c):
             return Path(out) / "ppl.jsonl"
     done = {record_key(r): r for path in dict.fromkeys(path_of(c) for c in configs) for r in read_jsonl(path)}
-    base = dict(meta, ctx_len=ctx_len, stride=stride, max_tokens=max_tokens)
-    # The steady-state window prompt (every window after the first): what the budget is measured against.
-    window_prompt = ctx_len - stride
+    base = dict(meta, mode=mode, ctx_len=ctx_len, stride=stride if mode == "window" else None, max_tokens=max_tokens)
+    if mode == "stream":
+        base["decode_interval"] = decode_interval
+    # What the budget is measured against: the steady-state window prompt (every window after the first), or
+    # in a stream the longest context, a whole segment.
+    window_prompt = ctx_len - stride if mode == "window" else ctx_len
     budget = {c.label: kept_per_head(c, model.config.num_hidden_layers, window_prompt) for c in configs}
     records = []
     for name, source, ids in books:
@@ -169,7 +187,12 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
             print(f"{name}: {len(configs) - len(pending)} config(s) already in {where}, skipped", file=sys.stderr)
         seconds = [0.0] * len(pending)
         desc = f"{name} ({pending[0].label})" if len(pending) == 1 else f"{name} ({len(pending)} configs)"
-        results = sliding_window_nlls(model, ids, ctx_len, stride, pending, desc, seconds) if pending else []
+        if not pending:
+            results = []
+        elif mode == "stream":
+            results = stream_nlls(model, ids, ctx_len, pending, decode_interval, desc, seconds)
+        else:
+            results = sliding_window_nlls(model, ids, ctx_len, stride, pending, desc, seconds)
         fresh = {}
         for c, nll, secs in zip(pending, results, seconds):
             nll_sum = nll.double().sum().item()

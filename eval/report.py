@@ -1,14 +1,23 @@
-"""Markdown tables from ppl.jsonl and speed.jsonl, and the suite's report.md."""
+"""report.md, with tables and PNG plots, from the results of `suite` (DIR/ppl.jsonl, speed.jsonl, suite.json)
+or of `sweep` (DIR/sweep.json and a folder per configuration): both are read into the same records, and
+every section (PPL tables, PPL vs KV budget, speed and memory, compression overhead, the seed study's
+claims) is written from those, so the two reports differ only in their header.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import plots
+from .claims import claims_section
+from .data import book_origin
+from .grid import distance_from_defaults
 from .results import read_jsonl
 
-PPL_GROUP = ("model", "revision", "dtype", "ctx_len", "stride", "max_tokens")
+PPL_GROUP = ("model", "revision", "dtype", "mode", "decode_interval", "ctx_len", "stride", "max_tokens")
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -31,15 +40,27 @@ def _group_title(r: dict) -> str:
     return f"{r['model']}{revision}, {r['dtype']}, ctx_len {r['ctx_len']}, stride {r['stride']}, {limit}"
 
 
-def ppl_tables(records: list[dict]) -> str:
-    """Per group of (model, dtype, windows, truncation): overall PPL per config with its change vs none,
-    then PPL per book. Overall PPL = exp(total NLL / total tokens) over the books a config has finished;
-    the change vs none is over the books both have."""
+def ppl_groups(records: list[dict]) -> list[list[dict]]:
+    """Records split by (model, dtype, windows, truncation): PPLs are comparable only within a group."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r.get(k) for k in PPL_GROUP), []).append(r)
+    return list(groups.values())
+
+
+def _kept(r: dict) -> str:
+    if r.get("kept_per_head") is None:
+        return ""
+    return f"{r['kept_per_head']:g} of {r['window_prompt']}"
+
+
+def ppl_tables(records: list[dict], per_book: bool = True) -> str:
+    """Per group of (model, dtype, windows, truncation): overall PPL per config with its change vs none,
+    then PPL per book. Overall PPL = exp(total NLL / total tokens) over the books a config has finished;
+    the change vs none is over the books both have. KV kept = entries per head a config leaves of a
+    window's prompt (mean over layers)."""
     out = []
-    for rows in groups.values():
+    for rows in ppl_groups(records):
         labels = list(dict.fromkeys(r["label"] for r in rows))
         labels.sort(key=lambda label: label != "none")  # the reference first, then the order they were run
         by = {(r["label"], r["book"]): r for r in rows}
@@ -56,13 +77,17 @@ def ppl_tables(records: list[dict]) -> str:
                 delta = _pct(mine_common, ref)
             else:
                 delta = "" if label == "none" else "n/a (no 'none' run)"
-            overall.append([label, len(mine), tokens, f"{nll / tokens:.4f}", f"{_ppl(nll, tokens):.3f}", delta])
+            overall.append([label, len(mine), tokens, f"{nll / tokens:.4f}", f"{_ppl(nll, tokens):.3f}", delta,
+                            _kept(mine[0])])
         out.append(f"**{_group_title(rows[0])}**\n")
-        out.append(table(["config", "books", "tokens", "NLL/token", "PPL", "PPL vs none"], overall))
-        per_book = [[b, by[labels[0], b]["tokens"] if (labels[0], b) in by else ""] +
-                    [f"{by[label, b]['ppl']:.3f}" if (label, b) in by else "" for label in labels] for b in books]
-        out.append("\nPPL per book:\n")
-        out.append(table(["book", "tokens"] + labels, per_book))
+        out.append(table(["config", "books", "tokens", "NLL/token", "PPL", "PPL vs none", "KV kept per head"],
+                         overall))
+        if per_book:
+            per_book_rows = [[b, by[labels[0], b]["tokens"] if (labels[0], b) in by else ""] +
+                             [f"{by[label, b]['ppl']:.3f}" if (label, b) in by else "" for label in labels]
+                             for b in books]
+            out.append("\nPPL per book:\n")
+            out.append(table(["book", "tokens"] + labels, per_book_rows))
         out.append("")
     return "\n".join(out)
 
@@ -75,11 +100,15 @@ def latest_run(records: list[dict]) -> list[dict]:
 
 
 def speed_table(records: list[dict]) -> str:
-    """One run's rows; ratios are against minipythia without compression at the same prompt length."""
+    """Speed rows; ratios are against minipythia without compression at the same prompt length, measured in
+    the same run: a row's `reference` when it has one (sweeps), else the run's own `none` row."""
     base = {r["prompt_len"]: r for r in records if r["engine"] == "minipythia" and r["label"] == "none"}
 
+    def reference(r):
+        return r.get("reference") or base.get(r["prompt_len"])
+
     def ratio(r, key):
-        ref = base.get(r["prompt_len"])
+        ref = reference(r)
         return f"{r[key] / ref[key]:.2f}x" if ref else ""
 
     def mib(r, key):
@@ -87,15 +116,17 @@ def speed_table(records: list[dict]) -> str:
 
     rows = []
     for r in records:
-        ref = base.get(r["prompt_len"])
+        ref = reference(r)
         name = r["label"] if r["engine"] == "minipythia" else f"transformers generate ({r['label']})"
         kv_change = _pct(r["kv_end_bytes"], ref["kv_end_bytes"]) if ref and r.get("kv_end_bytes") else ""
         compress = f"{r['compress_ms']:.1f}" if "compress_ms" in r else ""
-        rows.append([r["prompt_len"], name, f"{r['ttft_ms']:.1f}", ratio(r, "ttft_ms"), compress, f"{r['tpot_ms']:.2f}",
-                     ratio(r, "tpot_ms"), f"{r['tok_s']:.1f}", mib(r, "kv_prefill_bytes"),
+        share = f"{100 * r['compress_ms'] / r['ttft_ms']:.1f}%" if "compress_ms" in r else ""
+        rows.append([r["prompt_len"], name, f"{r['ttft_ms']:.1f}", ratio(r, "ttft_ms"), compress, share,
+                     f"{r['tpot_ms']:.2f}", ratio(r, "tpot_ms"), f"{r['tok_s']:.1f}", mib(r, "kv_prefill_bytes"),
                      mib(r, "kv_compressed_bytes"), mib(r, "kv_end_bytes"), kv_change, r["peak_rss_mib"]])
-    return table(["prompt", "config", "TTFT ms", "TTFT vs none", "compress ms", "TPOT ms", "TPOT vs none", "tok/s",
-                  "KV prefill MiB", "KV kept MiB", "KV end MiB", "KV end vs none", "peak RSS MiB"], rows)
+    return table(["prompt", "config", "TTFT ms", "TTFT vs none", "compress ms", "compress % of TTFT", "TPOT ms",
+                  "TPOT vs none", "tok/s", "KV prefill MiB", "KV kept MiB", "KV end MiB", "KV end vs none",
+                  "peak RSS MiB"], rows)
 
 
 def speed_title(r: dict) -> str:
@@ -111,42 +142,229 @@ SPEED_NOTES = ("TTFT = prefill with last_only + compression + first argmax; comp
                "generate call, TPOT = median interval between per-token LogitsProcessor calls.")
 
 
-def write_report(out: str | Path) -> Path:
-    """DIR/report.md from DIR/ppl.jsonl, DIR/speed.jsonl and DIR/suite.json (any of them may be missing)."""
-    out = Path(out)
-    if not out.is_dir():
-        raise ValueError(f"results directory {str(out)!r} does not exist")
+@dataclass
+class Results:
+    """What a report is written from, whichever command produced it."""
+    title: str
+    header: list[str]  # markdown lines naming the model, data, machine and runs
+    model: str
+    ppl: list[dict]  # eval.ppl.run_ppl records
+    speed: list[dict]  # speed rows; compressed ones carry `reference` (none, measured in the same run)
+    speed_heading: str
+    configs: list[dict]  # {label, compressor, settings} in run order
+    ppl_missing: str = "No PPL results."
+    per_book: bool = True
+    lm_head: str | None = None  # "vocab x hidden", when known
+    sections: list[str] = field(default_factory=list)  # extra markdown after the header (sweeps: skipped configs)
+
+
+def _with_references(rows: list[dict]) -> list[dict]:
+    """A single run's rows: each compressed minipythia row gets the run's none row at its prompt length."""
+    base = {r["prompt_len"]: r for r in rows if r["engine"] == "minipythia" and r["label"] == "none"}
+    return [dict(r, reference=base[r["prompt_len"]]) if r["engine"] == "minipythia" and r["label"] != "none"
+            and r["prompt_len"] in base and "reference" not in r else r for r in rows]
+
+
+def _configs_of(records: list[dict]) -> list[dict]:
+    seen = {}
+    for r in records:
+        seen.setdefault(r["label"], dict(label=r["label"], compressor=r["compressor"], settings=r["settings"]))
+    return list(seen.values())
+
+
+def load_suite(out: Path) -> Results:
     ppl, speed = read_jsonl(out / "ppl.jsonl"), read_jsonl(out / "speed.jsonl")
     suite = json.loads((out / "suite.json").read_text()) if (out / "suite.json").is_file() else {}
     if not (ppl or speed or suite):
-        raise ValueError(f"{out} holds no ppl.jsonl, speed.jsonl or suite.json to report on")
-    lines = ["# KV-cache compression eval", ""]
+        raise ValueError(f"{out} holds no ppl.jsonl, speed.jsonl, suite.json or sweep.json to report on")
+    header = []
     if suite:
-        lines += [f"- model: `{suite['model']}` ({suite['dtype']}, {suite['parameters'] / 1e6:.1f}M parameters)",
-                  f"- data: {suite['data']}",
-                  f"- machine: {suite['machine']}",
-                  *[f"- run {i + 1}: {r['started']}, wall time {r['wall_seconds']:.0f} s "
-                    f"(PPL {r['ppl_seconds']:.0f} s, speed {r['speed_seconds']:.0f} s): `{r.get('command', '')}`"
-                    for i, r in enumerate(suite["runs"])],
-                  "- reruns resume: they skip the PPL entries and the speed run already in the jsonl files", ""]
-    lines += ["## Sliding-window perplexity", ""]
-    if ppl:
-        lines += [ppl_tables(ppl)]
-    else:
-        lines += [suite.get("ppl_skipped", "No PPL results."), ""]
-    lines += ["## Speed and KV memory", ""]
-    run = latest_run(speed)
+        header += [f"- model: `{suite['model']}` ({suite['dtype']}, {suite['parameters'] / 1e6:.1f}M parameters)",
+                   f"- data: {suite['data']}",
+                   f"- machine: {suite['machine']}",
+                   *[f"- run {i + 1}: {r['started']}, wall time {r['wall_seconds']:.0f} s "
+                     f"(PPL {r['ppl_seconds']:.0f} s, speed {r['speed_seconds']:.0f} s): `{r.get('command', '')}`"
+                     for i, r in enumerate(suite["runs"])],
+                   "- reruns resume: they skip the PPL entries and the speed run already in the jsonl files", ""]
+    run = _with_references(latest_run(speed))
+    heading = ""
     if run:
         earlier = len({r.get("run") for r in speed}) - 1
-        lines += [f"**{speed_title(run[0])}**" + (f" (latest of {earlier + 1} runs in speed.jsonl)" if earlier else ""),
-                  "", speed_table(run), "", SPEED_NOTES, ""]
-        hf = [r for r in run if r["engine"] == "transformers"]
+        heading = f"**{speed_title(run[0])}**" + (f" (latest of {earlier + 1} runs in speed.jsonl)" if earlier else "")
+    model = suite.get("model") or (ppl or run or [{}])[0].get("model", "?")
+    return Results("KV-cache compression eval", header, model, ppl, run, heading,
+                   _configs_of(ppl + [r for r in run if r["engine"] == "minipythia"]),
+                   ppl_missing=suite.get("ppl_skipped") or "No PPL results.")
+
+
+def load_sweep(out: Path) -> Results:
+    sweep = json.loads((out / "sweep.json").read_text())
+    s, arch = sweep["settings"], sweep["architecture"]
+    lengths = s["speed"]["prompt_lengths"] if s["speed"] else []
+    ppl, speed, unfinished = [], [], []
+    books = [name for name, _, _ in s["books"]]
+    for c in sweep["configs"]:
+        folder = out / c["folder"]
+        records = [r for r in read_jsonl(folder / "ppl.jsonl") if r["label"] == c["label"]]
+        ppl += records
+        runs: dict[str, list[dict]] = {}
+        for r in read_jsonl(folder / "speed.jsonl"):
+            runs.setdefault(r["run"], []).append(r)
+        complete = [rows for rows in runs.values() if {r["prompt_len"] for r in rows} >= set(lengths)]
+        if lengths and complete:
+            speed += complete[-1]
+        missing = [f"PPL of {len(books) - len({r['book'] for r in records})} of {len(books)} books"] \
+            if {r["book"] for r in records} < set(books) else []
+        missing += ["speed"] if lengths and not complete else []
+        if missing:
+            unfinished.append([c["label"], ", ".join(missing)])
+    speed.sort(key=lambda r: r["prompt_len"])  # stable: configurations keep their order at each length
+    window_prompt = s["ctx_len"] - s["stride"]
+    header = [f"- model: `{sweep['model']}`" + (f" @ {sweep['revision']}" if sweep.get("revision") else "") +
+              f" ({sweep['dtype']}, {sweep['parameters'] / 1e6:.1f}M parameters: {arch['layers']} layers, hidden "
+              f"{arch['hidden']}, {arch['heads']} heads, vocabulary {arch['vocab']}, trained on "
+              f"{arch['trained_positions']} positions), from `{sweep['checkpoint']}`",
+              f"- data: {sweep['data']}",
+              f"- PPL windows: ctx_len {s['ctx_len']}, stride {s['stride']}: each window after the first compresses "
+              f"a {window_prompt}-token prompt and scores {s['stride']} tokens",
+              f"- configurations: {len(sweep['configs'])} from `{sweep['config_file']}`, {len(sweep['skipped'])} "
+              f"skipped, {len(unfinished)} unfinished",
+              f"- machine: {sweep['machine']}",
+              *[f"- run {i + 1}: {r['started']}, wall time {r['wall_seconds']:.0f} s, {r['configs_run']} "
+                f"configuration(s) run: `{r['command']}`" for i, r in enumerate(sweep["runs"])],
+              "- reruns resume: a configuration whose folder holds complete results is skipped", "",
+              "<details><summary>sweep configuration</summary>", "", "```yaml", sweep["config_text"].rstrip(), "```",
+              "", "</details>", ""]
+    sections = []
+    if sweep["skipped"]:
+        sections += ["## Skipped configurations", "",
+                     table(["compressor", "settings", "reason"],
+                           [[x["compressor"], json.dumps(x["settings"]), x["reason"]] for x in sweep["skipped"]]), ""]
+    if unfinished:
+        sections += ["## Unfinished configurations (rerun the sweep to complete them)", "",
+                     table(["config", "missing"], unfinished), ""]
+    heading = ""
+    if speed:
+        heading = (f"**{speed_title(speed[0])}**: each configuration measured interleaved with no compression, "
+                   f"which its ratios are against")
+    return Results("KV-cache compression sweep", header, sweep["model"], ppl, speed, heading,
+                   [dict(label=c["label"], compressor=c["compressor"], settings=c["settings"]) for c in sweep["configs"]],
+                   ppl_missing=sweep.get("ppl_skipped") or "No PPL results.", per_book=len(sweep["configs"]) <= 8,
+                   lm_head=f"{arch['vocab']}x{arch['hidden']}", sections=sections)
+
+
+def data_title(records: list[dict]) -> str:
+    """E.g. '4 book(s) from ../shared/data/pg19-test, first 8192 tokens of each': for plot titles."""
+    books = {r["book"]: r["source"] for r in records}
+    limit = "full books" if records[0]["max_tokens"] is None else f"first {records[0]['max_tokens']} tokens of each"
+    return f"{len(books)} book(s) from {', '.join(sorted({book_origin(x) for x in books.values()}))}, {limit}"
+
+
+def complete_ppl(group: list[dict]) -> dict[str, float]:
+    """label -> PPL over every book of the group, for the configurations that have scored them all."""
+    books = {r["book"] for r in group}
+    by: dict[str, list[dict]] = {}
+    for r in group:
+        by.setdefault(r["label"], []).append(r)
+    return {label: _ppl(sum(r["nll_sum"] for r in rows), sum(r["tokens"] for r in rows))
+            for label, rows in by.items() if {r["book"] for r in rows} == books}
+
+
+def ppl_budget_plot(group: list[dict], model: str, out: Path) -> list[str]:
+    """Figure (a), PPL vs KV budget, of one group of PPL records."""
+    ppl = complete_ppl(group)
+    first = {r["label"]: r for r in group}
+    if any(r.get("kept_per_head") is None for r in group):
+        return ["(No PPL vs KV budget plot: these records predate the kept_per_head field; a new run adds it.)", ""]
+    points = [dict(policy=first[label]["compressor"], kept=first[label]["kept_per_head"], ppl=value)
+              for label, value in ppl.items() if label != "none"]
+    if not points:
+        return []
+    r = group[0]
+    title = (f"Perplexity vs KV budget: {model}, {r['dtype']}\n{data_title(group)}; ctx_len {r['ctx_len']}, "
+             f"stride {r['stride']}")
+    plots.ppl_vs_budget(points, ppl.get("none"), r["window_prompt"], title, out / "plots" / "ppl_vs_budget.png")
+    return ["### PPL vs KV budget", "",
+            "![PPL vs KV budget](plots/ppl_vs_budget.png)", "",
+            f"Each window after the first prefills a {r['window_prompt']}-token prompt, compresses it and scores the "
+            f"next {r['stride']} tokens through the compressed cache. Lines: each policy's lowest PPL at each budget; "
+            f"dots: every configuration; dashed: full KV. Configurations that have not scored every book are left out.",
+            ""]
+
+
+def speed_panels(rows: list[dict], configs: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """policy -> label -> rows, one configuration per budget: configurations keeping as many entries at every
+    prompt length differ little in speed and not at all in memory, and the one closest to its policy's
+    defaults stands for them (the tables list every configuration)."""
+    order = {c["label"]: i for i, c in enumerate(configs)}
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["engine"] == "minipythia" and r["label"] != "none":
+            by.setdefault(r["label"], []).append(r)
+    chosen: dict[tuple, str] = {}
+    for label, mine in sorted(by.items(), key=lambda item: order.get(item[0], len(order))):
+        r = mine[0]
+        budget = (r["compressor"], tuple(x["kept_after_prefill"] for x in sorted(mine, key=lambda x: x["prompt_len"])))
+        best = chosen.get(budget)
+        if best is None or (distance_from_defaults(r["compressor"], r["settings"])
+                            < distance_from_defaults(r["compressor"], by[best][0]["settings"])):
+            chosen[budget] = label
+    panels: dict[str, dict[str, list[dict]]] = {}
+    for (policy, _), label in sorted(chosen.items(), key=lambda item: (order.get(item[1], len(order)))):
+        panels.setdefault(policy, {})[label] = [
+            dict(x, kv_mib=x["kv_compressed_bytes"] / 2**20, compress_pct=100 * x["compress_ms"] / x["ttft_ms"])
+            for x in by[label]]
+    return panels
+
+
+def speed_plots(rows: list[dict], configs: list[dict], out: Path) -> list[str]:
+    """Figures (b) TPOT and KV memory vs prompt length and (c) compression overhead vs prompt length."""
+    panels = speed_panels(rows, configs)
+    if not panels:
+        return []
+    none_rows = [dict(r, kv_mib=r["kv_compressed_bytes"] / 2**20) for r in rows
+                 if r["engine"] == "minipythia" and r["label"] == "none"]
+    r = rows[0]
+    about = f"{r['model']}, {r['dtype']}; prompts: {r['prompt_source']}; {r['new_tokens']} new tokens"
+    plots.speed_vs_prompt(panels, none_rows, f"Decode time and KV memory vs prompt length: {about}",
+                          out / "plots" / "speed_vs_prompt.png")
+    plots.overhead_vs_prompt(panels, f"Compression overhead vs prompt length: {about}",
+                             out / "plots" / "overhead_vs_prompt.png")
+    return ["### TPOT and KV memory vs prompt length", "", "![TPOT and KV memory](plots/speed_vs_prompt.png)", "",
+            "### Compression overhead vs prompt length", "", "![compression overhead](plots/overhead_vs_prompt.png)",
+            "", "One configuration per policy and budget (the closest to the policy's defaults); the table above "
+            "has them all.", ""]
+
+
+def write_report(out: str | Path) -> Path:
+    """DIR/report.md and DIR/plots/*.png from a sweep's DIR/sweep.json and folders, or from a suite's
+    DIR/ppl.jsonl, DIR/speed.jsonl and DIR/suite.json (any of them may be missing)."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ValueError(f"results directory {str(out)!r} does not exist")
+    results = load_sweep(out) if (out / "sweep.json").is_file() else load_suite(out)
+    lines = [f"# {results.title}", ""] + results.header + results.sections
+    lines += ["## Sliding-window perplexity", ""]
+    group = ppl_groups(results.ppl)[-1] if results.ppl else []  # the latest setup, when a file holds several
+    if results.ppl:
+        lines += [ppl_tables(results.ppl, results.per_book)]
+        lines += ppl_budget_plot(group, results.model, out)
+    else:
+        lines += [results.ppl_missing, ""]
+    lines += ["## Speed and KV memory", ""]
+    if results.speed:
+        lines += [results.speed_heading, "", speed_table(results.speed), "", SPEED_NOTES, ""]
+        hf = [r for r in results.speed if r["engine"] == "transformers"]
         if hf:
             same = all(r.get("same_tokens") for r in hf)
             lines += [f"transformers produced {'the same' if same else 'different'} greedy tokens as minipythia "
                       f"without compression.", ""]
+        lines += speed_plots(results.speed, results.configs, out)
     else:
         lines += ["No speed results.", ""]
+    window_prompt = group[0]["ctx_len"] - group[0]["stride"] if group else None
+    lines += claims_section(results.configs, complete_ppl(group), window_prompt,
+                            [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

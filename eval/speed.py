@@ -146,10 +146,10 @@ def measure_hf(hf, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: i
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=eos, logits_processor=LogitsProcessorList(processors))
 
-    hf_generate(prompts[min(prompts)].view(1, -1), WARMUP_STEPS + 2)
+    hf_generate(prompts[min(prompts)].view(1, -1).to(hf.device), WARMUP_STEPS + 2)
     results = []
     for length, ids in prompts.items():
-        prompt = ids.view(1, -1)
+        prompt = ids.view(1, -1).to(hf.device)
         ttfts, steps, peaks = [], [], []
         for _ in range(repeats):
             reset_peak_rss()
@@ -170,6 +170,14 @@ def measure_hf(hf, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: i
     return results
 
 
+def run_meta(meta: dict, new_tokens: int, repeats: int) -> dict:
+    """What every row of one speed run carries: the caller's meta, a `run` id shared by the run's rows,
+    and the conditions of the measurement."""
+    return dict(meta, run=time.strftime("%Y%m%d-%H%M%S"), new_tokens=new_tokens, repeats=repeats,
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                peak_rss_scope="per run" if reset_peak_rss() else "process so far")
+
+
 def run_speed(model, prompts: dict[int, torch.Tensor], configs: list[Compressor], new_tokens: int, repeats: int,
               out, meta: dict, hf_dir=None) -> list[dict]:
     """measure() (and measure_hf() when hf_dir is given) with each row appended to out/speed.jsonl.
@@ -177,9 +185,7 @@ def run_speed(model, prompts: dict[int, torch.Tensor], configs: list[Compressor]
     meta (model, dtype, prompt source, ...) goes into every row, with a `run` id shared by the rows of this run.
     """
     path = Path(out) / "speed.jsonl"
-    meta = dict(meta, run=time.strftime("%Y%m%d-%H%M%S"), new_tokens=new_tokens, repeats=repeats,
-                threads=torch.get_num_threads(), torch=torch.__version__,
-                peak_rss_scope="per run" if reset_peak_rss() else "process so far")
+    meta = run_meta(meta, new_tokens, repeats)
     rows = []
 
     def save(row):

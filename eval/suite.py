@@ -20,7 +20,7 @@ import torch
 
 from minipythia import KnormPress, NoCompression, SnapKV
 
-from .data import PG19_HUB, DataError, load_books, speed_prompts, tokenized_books
+from .data import DataError, describe_books, load_books, speed_prompts, tokenized_books
 from .ppl import run_ppl
 from .report import ppl_tables, speed_table, write_report
 from .results import read_jsonl
@@ -37,10 +37,6 @@ PPL_CONFIGS = [NoCompression(), KnormPress(0.5), KnormPress(0.75), _snapkv(256),
 SPEED_CONFIGS = [NoCompression(), _snapkv(512), KnormPress(0.75)]
 HOW_TO_ADD_PPL = ("No PPL: {reason}. To add it, rerun with --data DIR (a directory of .txt books, e.g. "
                   "../shared/data/pg19-test) or set PG19_DIR.")
-
-
-def _origin(source: str) -> str:
-    return PG19_HUB if source.startswith(PG19_HUB + ":") else str(Path(source).parent)
 
 
 def complete_speed_run(path: Path, key: str, expected_rows: int) -> bool:
@@ -65,9 +61,7 @@ def run_suite(args, model, tokenizer, directory: Path, command: str) -> Path:
         ppl_skipped = HOW_TO_ADD_PPL.format(reason=str(e).rstrip("."))
         print(ppl_skipped, file=sys.stderr)
     else:
-        limit = "full books" if max_tokens is None else f"first {max_tokens} tokens of each"
-        data = (f"{len(books)} book(s) ({', '.join(b.name for b in books)}) from "
-                f"{', '.join(sorted({_origin(b.source) for b in books}))}, {limit}")
+        data = describe_books(books, max_tokens)
         ppl_skipped = None
 
     if books:

@@ -3,6 +3,12 @@
 `seen` counts the tokens the model has processed; it is the rotary position of the next token, whatever
 a compressor has evicted. After compression each layer holds freshly allocated tensors with only the
 kept entries, so the memory of evicted entries is really released.
+
+A compressor runs at the end of the prefill (the first forward into an empty cache). With a
+`decode_interval`, it also runs during decoding: whenever a forward leaves a layer with more than
+budget + decode_interval entries (budget = the policy's keep_count), that layer is compressed back to the
+budget by the same selection step, scored with the layer's most recent queries, which the cache keeps
+(`decode_query_window` says how many each policy reads).
 """
 
 from __future__ import annotations
@@ -19,21 +25,25 @@ GROWTH = 64
 
 class KVCache:
     def __init__(self, config: PythiaConfig, batch_size: int = 1, dtype=torch.float32, device="cpu",
-                 compressor=None):
+                 compressor=None, decode_interval: int | None = None):
+        check_decode_interval(compressor, decode_interval)  # before any forward
         self.batch_size = batch_size
         self.n_heads = config.num_attention_heads
         self.head_size = config.head_size
         self.dtype, self.device = dtype, torch.device(device)
         self.compressor = compressor
+        self.decode_interval = decode_interval
+        self._query_window = decode_query_window(compressor) if decode_interval is not None else 0
         n = config.num_hidden_layers
         self._keys: list[torch.Tensor | None] = [None] * n  # (B, nh, capacity, hs)
         self._values: list[torch.Tensor | None] = [None] * n
         self._positions: list[torch.Tensor | None] = [None] * n  # (B, nh, capacity) int64
         self._lengths = [0] * n  # entries in use per layer
+        self._queries: list[torch.Tensor | None] = [None] * n  # (B, nh, <= _query_window, hs), decode_interval only
         self._new_positions: torch.Tensor | None = None  # positions of the forward being stored, see append
         self.seen = 0
         self.nbytes_before_compression: int | None = None  # set by the compression at the end of the prefill
-        self.compress_seconds = 0.0  # time spent compressing (scoring, top-k, gather), part of the prefill
+        self.compress_seconds = 0.0  # time spent compressing (scoring, top-k, gather), prefill and decoding
 
     @property
     def num_layers(self) -> int:
@@ -41,7 +51,7 @@ class KVCache:
 
     @property
     def in_prefill(self) -> bool:
-        """True during the first forward into an empty cache: the one whose end triggers the compressor."""
+        """True during the first forward into an empty cache, whose end always runs the compressor."""
         return self.seen == 0 and self.compressor is not None
 
     def __len__(self) -> int:
@@ -63,7 +73,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache's tensors really hold (allocated capacity, positions included)."""
+        """Bytes the cache's tensors really hold (allocated capacity, positions and kept queries included)."""
         return sum(self._layer_nbytes(layer) for layer in range(self.num_layers))
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -97,17 +107,45 @@ class KVCache:
         """Called by the model once every layer has stored a forward's tokens."""
         self.seen += num_tokens
 
-    def compress(self, layer: int, queries: torch.Tensor):
-        """Runs the compressor on one layer. `queries` (B, nh, T, hs) are the prefill's, after rotary.
+    def after_attention(self, layer: int, queries: torch.Tensor):
+        """Called by each attention layer once it has used every cached entry, with its queries (B, nh, T, hs)
+        after rotary: compressing here means the forward that triggers a compression still saw the full KV.
 
-        The one shared selection step: each policy only scores entries; here the top `keep` per
-        (batch, head) are kept, in position order, in new tensors of exactly that size.
+        The prefill is compressed to the policy's budget; with a decode_interval, any later forward that
+        leaves the layer above budget + decode_interval entries compresses it back to the budget.
         """
-        start = time.perf_counter()
-        n = self._lengths[layer]
+        if self.compressor is None:
+            return  # the plain decode path: no bookkeeping at all
+        if self.decode_interval is not None:
+            self._remember_queries(layer, queries)
+        if self.in_prefill:
+            self.compress(layer, queries)
+        elif self.decode_interval is not None:
+            n = self._lengths[layer]
+            if n > self.compressor.keep_count(layer, n) + self.decode_interval:
+                self._select(layer, self._queries[layer])
+
+    def _remember_queries(self, layer: int, queries: torch.Tensor):
+        """Keeps the layer's last `_query_window` queries, copied: a view would keep the forward's whole
+        QKV tensor alive."""
+        past = self._queries[layer]
+        recent = queries if past is None else torch.cat((past, queries), dim=2)  # (B, nh, n_past + T, hs)
+        self._queries[layer] = recent[:, :, max(0, recent.size(2) - self._query_window) :].clone()
+
+    def compress(self, layer: int, queries: torch.Tensor):
+        """Compresses one layer at the end of its prefill attention; `queries` (B, nh, T, hs) are the
+        prefill's, after rotary. Records what the full cache held before, for the memory figures."""
         if layer == 0:  # layers are compressed in order, each right after its prefill attention
             self.nbytes_before_compression = 0
         self.nbytes_before_compression += self._layer_nbytes(layer)
+        self._select(layer, queries)
+
+    def _select(self, layer: int, queries: torch.Tensor):
+        """The one shared selection step, at the prefill and during decoding: each policy only scores
+        entries; here the top keep_count per (batch, head) are kept, in position order, in new tensors of
+        exactly that size. `queries` are those of the layer's last entries (all of them at the prefill)."""
+        start = time.perf_counter()
+        n = self._lengths[layer]
         keep = self.compressor.keep_count(layer, n)
         if keep < n:
             keys, values = self.keys(layer), self.values(layer)
@@ -125,5 +163,52 @@ class KVCache:
         self._lengths[layer] = idx.size(-1)
 
     def _layer_nbytes(self, layer: int) -> int:
-        tensors = (self._keys[layer], self._values[layer], self._positions[layer])
+        tensors = (self._keys[layer], self._values[layer], self._positions[layer], self._queries[layer])
         return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
+
+
+def check_decode_interval(compressor, decode_interval: int | None):
+    """Raises ValueError unless a cache can compress with `compressor` during decoding at this interval
+    (None: no decode-time compression, always fine). The CLIs call it before loading a model."""
+    if decode_interval is None:
+        return
+    if compressor is None:
+        raise ValueError("decode_interval needs a compressor: it is the policy that says what to keep")
+    if decode_interval < 0:
+        raise ValueError(f"decode_interval must be >= 0 (entries allowed above the budget before compressing "
+                         f"again), got {decode_interval}")
+    decode_query_window(compressor)
+
+
+def decode_query_window(compressor) -> int:
+    """How many of a layer's most recent queries `compressor.score` reads when it compresses during decoding.
+
+    The cache keeps that many, and they must be the queries of its last entries (the alignment score()
+    assumes): each policy here either always keeps its last W entries (SnapKV's window, H2O's recent
+    tokens), or reads only the query of the token just appended (TOVA, W = 1), or reads none (W = 0).
+    Policies whose budget or scores only mean something for a whole prompt are refused.
+    """
+    name = compressor.name
+    if name in ("none", "streaming_llm", "random"):
+        return 0  # none never evicts, StreamingLLM ranks entries by position, random by chance
+    if name == "tova":
+        return 1  # the attention of the newest token
+    if name == "snapkv":
+        return compressor.window_size  # the window votes, and is always kept
+    if name == "h2o":
+        # A windowed H2O: the heavy hitters are the entries the n_recent newest tokens attended to most
+        # (the cache carries no scores across compressions); at least the newest token's query.
+        return max(1, compressor.n_recent)
+    refused = {
+        "knorm": "KnormPress keeps a fraction of whatever it is given, so it has no fixed budget: compressed at "
+                 "every trigger, the cache would shrink until it holds at most about decode_interval / "
+                 "compression_ratio entries, a size set by the interval, not by the policy",
+        "pyramidkv": "PyramidKV's per-layer budgets are computed from the prompt's length, which a stream of "
+                     "decoded tokens does not have",
+        "oracle": "the oracle scores with the queries of the tokens that follow a fixed prompt, which do not exist "
+                  "while decoding",
+    }
+    reason = refused.get(name, "it is not listed in minipythia.cache.decode_query_window, which says which queries "
+                               "each policy's score() reads")
+    raise ValueError(f"{name} cannot compress during decoding: {reason}. Use streaming_llm, tova, snapkv, h2o or "
+                     f"random, or leave decode_interval unset")

@@ -40,7 +40,8 @@ def resolve_model_arg(args: argparse.Namespace) -> Path:
     return directory
 
 
-def add_compressor_args(parser: argparse.ArgumentParser):
+def add_compressor_args(parser: argparse.ArgumentParser, decode_interval: bool = False):
+    """The compressor options; with decode_interval, also --decode-interval (for the commands that use it)."""
     g = parser.add_argument_group("KV-cache compression")
     g.add_argument("--compressor", choices=list(COMPRESSORS), default="none")
     g.add_argument("--window-size", type=int, default=32, help="SnapKV / PyramidKV observation window W")
@@ -57,6 +58,10 @@ def add_compressor_args(parser: argparse.ArgumentParser):
     g.add_argument("--beta", type=int, default=20, help="PyramidKV: bottom/top budget ratio parameter")
     # Not --seed: generate already has one, for sampling.
     g.add_argument("--compressor-seed", type=int, default=0, help="random eviction: seed of the random scores")
+    if decode_interval:
+        g.add_argument("--decode-interval", type=int, default=None, metavar="N",
+                       help="also compress during decoding: whenever a layer holds more than its budget + N "
+                            "entries, compress it back to the budget (streaming_llm, tova, snapkv, h2o, random)")
 
 
 def compressor_from_args(args: argparse.Namespace) -> Compressor:

@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cache import check_decode_interval
 from .cli import DTYPES, add_compressor_args, add_model_args, compressor_from_args, resolve_model_arg, run_cli
 from .generation import check_sampling, generate
 from .model import Pythia
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--stats", action="store_true", help="print TTFT, TPOT, tokens/s and KV bytes to stderr")
-    add_compressor_args(p)
+    add_compressor_args(p, decode_interval=True)
     args = p.parse_args(argv)
 
     text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
         raise ValueError("the prompt is empty: pass some text with --prompt or a non-empty --prompt-file")
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     compressor = compressor_from_args(args)
+    check_decode_interval(compressor, args.decode_interval)
     directory = resolve_model_arg(args)
     tokenizer = Tokenizer.from_pretrained(directory)
     model = Pythia.from_pretrained(directory, dtype=DTYPES[args.dtype])
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     sys.stdout.write(text)
     result = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       args.seed, compressor, eos_id=None if args.ignore_eos else tokenizer.eos_id,
-                      on_token=TextStream(tokenizer))
+                      on_token=TextStream(tokenizer), decode_interval=args.decode_interval)
     sys.stdout.write("\n")
     if args.stats:
         kib = 1024
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
               f"{result.tokens_per_s:.1f} tokens/s\n"
               f"KV cache: {result.kv_bytes_prefill / kib:.0f} KiB after prefill, "
               f"{result.kv_bytes_compressed / kib:.0f} KiB after compression, "
-              f"{result.kv_bytes_end / kib:.0f} KiB at the end", file=sys.stderr)
+              f"{result.kv_bytes_end / kib:.0f} KiB at the end ({result.kept_end} entries per head in layer 0)",
+              file=sys.stderr)
     return 0
 
 

@@ -23,8 +23,9 @@ class Generation:
     step_s: list[float] = field(default_factory=list)  # wall time of each later decode step
     kv_bytes_prefill: int = 0  # what the full cache held at the end of the prefill, before compression
     kv_bytes_compressed: int = 0  # right after compression (equal to the above without a compressor)
-    kv_bytes_end: int = 0
+    kv_bytes_end: int = 0  # with a decode_interval, bounded by budget + interval (+ the buffers' growth margin)
     kept_after_prefill: int = 0  # entries per head left in layer 0 by the compression
+    kept_end: int = 0  # entries per head in layer 0 at the end
 
     @property
     def tpot_s(self) -> float:
@@ -69,11 +70,14 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
 @torch.inference_mode()
 def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             compressor: Compressor | None = None, eos_id: int | None = None, on_token=None) -> Generation:
+             compressor: Compressor | None = None, eos_id: int | None = None, on_token=None,
+             decode_interval: int | None = None) -> Generation:
     """Generates up to max_new_tokens after prompt_ids (a list or 1-D tensor of ids).
 
     The prompt is prefilled in one forward, then compressed; the first token comes from full-KV logits,
-    later ones see only the kept entries. Stops early at eos_id. on_token(id) is called as each arrives.
+    later ones see only the kept entries. With a decode_interval the compressor also runs during decoding,
+    whenever a layer holds more than its budget + decode_interval entries (see KVCache). Stops early at
+    eos_id. on_token(id) is called as each arrives.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
@@ -85,7 +89,7 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
                       f"Pythia was trained on; quality degrades past them")
     device = model.embed_in.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    cache = model.new_cache(batch_size=1, compressor=compressor)
+    cache = model.new_cache(batch_size=1, compressor=compressor, decode_interval=decode_interval)
 
     start = time.perf_counter()
     logits = model(ids[None].to(device), cache=cache, last_only=True)
@@ -106,5 +110,5 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
         result.tokens.append(token)
         if on_token:
             on_token(token)
-    result.kv_bytes_end = cache.nbytes
+    result.kv_bytes_end, result.kept_end = cache.nbytes, len(cache)
     return result

@@ -65,9 +65,9 @@ class Attention(nn.Module):
             mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-        if cache is not None and cache.in_prefill:
-            # The prefill attended to the full KV above; only later tokens see the compressed cache.
-            cache.compress(self.layer_idx, q)
+        if cache is not None:
+            # After the attention above saw every entry: a compression now only affects later tokens.
+            cache.after_attention(self.layer_idx, q)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dense(y)
 
@@ -119,9 +119,10 @@ class Pythia(nn.Module):
             table = self._rotary_table = rotary_cos_sin(self.config, 0, size, device, dtype)
         return table[0][start:end], table[1][start:end]
 
-    def new_cache(self, batch_size: int = 1, compressor=None) -> KVCache:
+    def new_cache(self, batch_size: int = 1, compressor=None, decode_interval: int | None = None) -> KVCache:
         p = self.embed_in.weight
-        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor)
+        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
+                       decode_interval=decode_interval)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only.

@@ -8,11 +8,13 @@ way EleutherAI's files are: float16, legacy config keys, and the buffers minipyt
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -152,3 +154,50 @@ def rotary_by_hand(x: torch.Tensor, positions, config) -> torch.Tensor:
     cos, sin = angles.cos(), angles.sin()
     x1, x2, rest = x[..., : nd // 2], x[..., nd // 2 : nd], x[..., nd:]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+
+
+def decode_by_hand(model, token, position, kept_keys, kept_values):
+    """One decode step written out from the weights: token (B, 1) at rotary `position`, attending to the
+    given kept K, V per layer (B, nh, n, hs) plus its own. Returns logits (B, 1, vocab) and the new keys."""
+    c, sd = model.config, model.state_dict()
+    nh, hs = c.num_attention_heads, c.head_size
+
+    def ln(x, name):
+        return F.layer_norm(x, (c.hidden_size,), sd[name + ".weight"], sd[name + ".bias"], c.layer_norm_eps)
+
+    def linear(x, name):
+        return x @ sd[name + ".weight"].T + sd[name + ".bias"]
+
+    x = sd["embed_in.weight"][token]  # (B, 1, C)
+    new_keys = []
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}."
+        qkv = linear(ln(x, p + "input_layernorm"), p + "attention.query_key_value")
+        qkv = qkv.view(x.size(0), nh, 3, hs)  # one token: (B, nh, [q, k, v], hs)
+        q, k, v = (qkv[:, :, j].unsqueeze(2) for j in range(3))  # (B, nh, 1, hs)
+        q, k = rotary_by_hand(q, [position], c), rotary_by_hand(k, [position], c)
+        new_keys.append(k)
+        keys, values = torch.cat((kept_keys[i], k), dim=2), torch.cat((kept_values[i], v), dim=2)
+        weights = (q @ keys.transpose(-1, -2) / math.sqrt(hs)).softmax(dim=-1)  # (B, nh, 1, n+1)
+        attn = linear((weights @ values).transpose(1, 2).reshape(x.shape), p + "attention.dense")
+        mlp_in = x if c.use_parallel_residual else x + attn
+        mlp = linear(F.gelu(linear(ln(mlp_in, p + "post_attention_layernorm"), p + "mlp.dense_h_to_4h")),
+                     p + "mlp.dense_4h_to_h")
+        x = mlp_in + attn + mlp if c.use_parallel_residual else mlp_in + mlp
+    return ln(x, "final_layer_norm") @ sd["embed_out.weight"].T, new_keys
+
+
+def snapshot(cache):
+    """Copies of every layer's kept keys, values and positions: three lists, one entry per layer."""
+    layers = range(cache.num_layers)
+    return ([cache.keys(i).clone() for i in layers], [cache.values(i).clone() for i in layers],
+            [cache.positions(i).clone() for i in layers])
+
+
+def causal_attention(q, k):
+    """Float64 softmax attention (B, nh, Lq, Lk) of queries at the LAST Lq positions of the Lk keys."""
+    q, k = q.double(), k.double()
+    Lq, Lk = q.size(2), k.size(2)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    visible = torch.arange(Lk) <= torch.arange(Lk - Lq, Lk)[:, None]
+    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import rotary_by_hand
+from conftest import causal_attention, rotary_by_hand
 from minipythia import (COMPRESSORS, H2O, TOVA, KnormPress, KVCache, NoCompression, Oracle, Pythia, PythiaConfig,
                         PyramidKV, RandomEviction, SnapKV, StreamingLLM, generate, oracle_future_queries)
 from minipythia.compressors import h2o as h2o_module
@@ -49,15 +49,6 @@ def top_positions(scores, n):
         gap = ranked.values[..., n - 1] - ranked.values[..., n]
         assert (gap > 1e-6).all(), "near-tie at the cut: pick another seed"
     return ranked.indices[..., :n].sort(dim=-1).values
-
-
-def causal_attention(q, k):
-    """Float64 softmax attention (B, nh, Lq, Lk) of queries at the LAST Lq positions of the Lk keys."""
-    q, k = q.double(), k.double()
-    Lq, Lk = q.size(2), k.size(2)
-    logits = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
-    visible = torch.arange(Lk) <= torch.arange(Lk - Lq, Lk)[:, None]
-    return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
 
 
 def check_gathered(cache, layer, k, v):
@@ -267,7 +258,7 @@ def test_oracle_future_queries_match_step_by_step_decoding(model):
     def hook(layer):
         def capture(module, inputs, qkv):  # qkv (B, 1, 3 * hidden), interleaved per head: [q_h, k_h, v_h]
             q = qkv.view(B, 1, c.num_attention_heads, 3, c.head_size)[..., 0, :].transpose(1, 2)  # (B, nh, 1, hs)
-            captured[layer].append(q)
+            captured[layer].append(q.clone())  # a view would be rotated in place by the model afterwards
         return capture
 
     cache = model.new_cache(B)

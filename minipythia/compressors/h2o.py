@@ -20,6 +20,9 @@ class H2O(Compressor):
       prompt queries, of the causal softmax attention (float32) each key received (a column sum of the
       attention matrix; earlier keys are seen by more queries, as in H2O).
     recent_ratio = 0.5 is the paper's even heavy/recent split. Prompts with L <= C stay whole.
+
+    `queries` may be only the last Q <= L ones, those of the last Q entries, and the sum then runs over them:
+    during decoding (KVCache decode_interval) they are the newest tokens' (minipythia.cache.decode_query_window).
     """
 
     name = "h2o"
@@ -42,11 +45,12 @@ class H2O(Compressor):
 
     def score(self, layer, keys, values, queries):
         B, H, L, hs = keys.shape
+        offset = L - queries.size(2)  # query i belongs to entry offset + i (offset 0 at the prefill)
         keys = keys.float()
         received = keys.new_zeros(B, H, L)
-        for start in range(0, L, QUERY_CHUNK):
+        for start in range(offset, L, QUERY_CHUNK):
             end = min(start + QUERY_CHUNK, L)
-            q = queries[:, :, start:end].float()  # (B, nh, T, hs)
+            q = queries[:, :, start - offset : end - offset].float()  # (B, nh, T, hs)
             # Queries start..end-1 see keys 0..end-1 at most: later keys would only be masked out.
             logits = q @ keys[:, :, :end].transpose(-1, -2) / math.sqrt(hs)  # (B, nh, T, end)
             visible = torch.arange(end, device=keys.device) <= torch.arange(start, end, device=keys.device)[:, None]

@@ -1,0 +1,141 @@
+"""`make bench` / `python -m eval bench`: minipythia against transformers, measured in one process.
+
+For each dtype and prompt length: TTFT, TPOT and tokens/s of greedy generation (no compression) for
+minipythia and for transformers' `generate` on the same checkpoint, with the ratios; the memory bandwidth
+decoding achieves (bytes read per token x tokens/s) against a copy bandwidth measured in the same run;
+SnapKV's compression time as a share of TTFT; and what scoring six compressors from shared prefills
+costs against one alone. Machines drift 10-15% between runs: only the ratios within one run mean much.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from minipythia import KnormPress, NoCompression, Pythia, SnapKV
+
+from .data import random_prompt
+from .ppl import sliding_window_nlls
+from .speed import load_hf, measure, measure_hf
+
+SWEEP_CONFIGS = [NoCompression(), KnormPress(0.5), KnormPress(0.75)] + [
+    SnapKV(window_size=32, max_capacity_prompt=c, kernel_size=5, pooling="avgpool") for c in (256, 512, 1024)]
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth_gbs(device: str = "cpu", megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes moved (read + written) per second by a large tensor copy: what the memory system sustains."""
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / min(times) / 1e9
+
+
+def decode_bytes_per_token(model: Pythia, kv_entries: int) -> int:
+    """What one decode step must read: every weight but the input embedding (one row of it) and the KV."""
+    size = model.embed_in.weight.element_size()
+    weights = model.num_parameters() - model.embed_in.weight.numel()
+    c = model.config
+    kv = 2 * c.num_hidden_layers * kv_entries * c.hidden_size
+    return (weights + kv) * size
+
+
+def sweep_cost(model: Pythia, tokens: int, ctx_len: int, stride: int) -> dict:
+    """Seconds to score SWEEP_CONFIGS from shared prefills vs the first of them alone, same windows."""
+    ids = random_prompt(tokens, model.config.vocab_size, seed=1)
+    t = time.perf_counter()
+    alone = sliding_window_nlls(model, ids, ctx_len, stride, [SWEEP_CONFIGS[0]])
+    one = time.perf_counter() - t
+    t = time.perf_counter()
+    shared = sliding_window_nlls(model, ids, ctx_len, stride, SWEEP_CONFIGS)
+    together = time.perf_counter() - t
+    return dict(configs=len(SWEEP_CONFIGS), tokens=tokens, ctx_len=ctx_len, stride=stride, one_config_s=one,
+                all_configs_s=together, ratio=together / one, none_nll_identical=torch.equal(alone[0], shared[0]))
+
+
+def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_tokens: int, repeats: int,
+              use_hf: bool, out: Path, sweep_tokens: int, device: str = "cpu") -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    copy_gbs = copy_bandwidth_gbs(device)
+    print(f"copy bandwidth: {copy_gbs:.1f} GB/s (read + write)", file=sys.stderr)
+    rows, snapkv_rows = [], []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        model = Pythia.from_pretrained(directory, dtype=dtype, device=device)
+        prompts = {n: random_prompt(n, model.config.vocab_size) for n in prompt_lens}
+        ours = {r["prompt_len"]: r for r in measure(model, prompts, [NoCompression()], new_tokens, repeats)}
+        hf = load_hf(directory, dtype) if use_hf else None
+        hf = hf.to(device) if hf is not None else None
+        theirs = {r["prompt_len"]: r for r in measure_hf(hf, prompts, new_tokens, repeats)} if hf else {}
+        del hf
+        for n in prompt_lens:
+            mine = ours[n]
+            bytes_read = decode_bytes_per_token(model, n + new_tokens // 2)
+            row = dict(dtype=dtype_name, prompt_len=n, ttft_ms=mine["ttft_ms"], tpot_ms=mine["tpot_ms"],
+                       tok_s=mine["tok_s"], decode_gbs=bytes_read * mine["tok_s"] / 1e9)
+            row["of_copy_bandwidth"] = row["decode_gbs"] / copy_gbs
+            if n in theirs:
+                row.update(hf_ttft_ms=theirs[n]["ttft_ms"], hf_tpot_ms=theirs[n]["tpot_ms"],
+                           hf_tok_s=theirs[n]["tok_s"], tpot_ratio=mine["tpot_ms"] / theirs[n]["tpot_ms"],
+                           ttft_ratio=mine["ttft_ms"] / theirs[n]["ttft_ms"],
+                           same_tokens=mine["tokens"] == theirs[n]["tokens"])
+            rows.append(row)
+        longest = max(prompt_lens)
+        snap = SnapKV(window_size=32, max_capacity_prompt=512, kernel_size=5, pooling="avgpool")
+        if longest > snap.max_capacity_prompt:
+            r = measure(model, {longest: prompts[longest]}, [snap], new_tokens, repeats)[0]
+            snapkv_rows.append(dict(dtype=dtype_name, prompt_len=longest, label=snap.label, ttft_ms=r["ttft_ms"],
+                                    compress_ms=r["compress_ms"], share_of_ttft=r["compress_ms"] / r["ttft_ms"],
+                                    tpot_ms=r["tpot_ms"]))
+    model = Pythia.from_pretrained(directory, dtype=torch.float32, device=device)
+    ctx = min(2048, model.config.max_position_embeddings)
+    sweep = sweep_cost(model, sweep_tokens, ctx, ctx // 4) if sweep_tokens else None
+    where = (torch.cuda.get_device_name() if device.startswith("cuda")
+             else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    result = dict(model=str(directory), machine=f"{where}, torch {torch.__version__}", copy_gbs=copy_gbs, new_tokens=new_tokens, repeats=repeats,
+                  rows=rows, snapkv=snapkv_rows, sweep=sweep, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(bench_table(result) + "\n")
+    return result
+
+
+def _f(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def bench_table(result: dict) -> str:
+    lines = [f"model {result['model']}; {result['machine']}; copy bandwidth {result['copy_gbs']:.1f} GB/s; "
+             f"{result['new_tokens']} new tokens, median of {result['repeats']} runs; {result['time']}", "",
+             "| dtype | prompt | TTFT ms | HF TTFT ms | TTFT ratio | TPOT ms | HF TPOT ms | TPOT ratio | tok/s "
+             "| HF tok/s | decode GB/s | of copy bw | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['dtype']} | {r['prompt_len']} | {r['ttft_ms']:.1f} | {_f(r.get('hf_ttft_ms'), '.1f')} "
+                     f"| {_f(r.get('ttft_ratio'), '.2f')} | {r['tpot_ms']:.2f} | {_f(r.get('hf_tpot_ms'), '.2f')} "
+                     f"| {_f(r.get('tpot_ratio'), '.2f')} | {r['tok_s']:.0f} | {_f(r.get('hf_tok_s'), '.0f')} "
+                     f"| {r['decode_gbs']:.1f} | {r['of_copy_bandwidth']:.0%} | {r.get('same_tokens', '')} |")
+    for s in result["snapkv"]:
+        lines.append(f"\nSnapKV ({s['label']}), {s['dtype']}, {s['prompt_len']}-token prompt: compression "
+                     f"{s['compress_ms']:.1f} ms = {s['share_of_ttft']:.1%} of TTFT {s['ttft_ms']:.1f} ms")
+    sw = result["sweep"]
+    if sw:
+        lines.append(f"\nSweep: {sw['configs']} configs from shared prefills took {sw['all_configs_s']:.1f} s, one "
+                     f"config alone {sw['one_config_s']:.1f} s: {sw['ratio']:.2f}x ({sw['tokens']} tokens, "
+                     f"windows {sw['ctx_len']}/{sw['stride']}, float32; NLLs of 'none' identical: "
+                     f"{sw['none_nll_identical']})")
+    return "\n".join(lines)

@@ -1,0 +1,283 @@
+"""Sweep configuration: a YAML file that names the model, the data, the windows, an optional speed part and
+a grid of policies, and its expansion into compressors.
+
+    model: weights/tiny-pg19        # optional; --model overrides (default: as for every CLI)
+    data: pg19                      # 'pg19', a directory of .txt books or a list of .txt files; --data overrides
+    ctx_len: 1024                   # optional; default: the model's trained length, at most 2048
+    stride: 256                     # optional; default: ctx_len / 4
+    max_tokens: 8192                # each book's first N tokens (default 8192); null scores whole books
+    speed: {prompt_lengths: [512, 1024, 2048], new_tokens: 32, repeats: 3}   # optional
+    policies:
+      - {compressor: none}
+      - {compressor: snapkv, window_size: [16, 32], max_capacity_prompt: [256, 512], pooling: avgpool}
+      - {compressor: knorm, compression_ratio: [0.5, 0.75]}
+
+A policy entry names a registered compressor (minipythia.compressors.COMPRESSORS) and any of its dataclass
+fields; the settings are passed to the class as keyword arguments, so a new policy needs no change here.
+A list value is a grid axis: the entry expands to the cartesian product of its axes. A setting whose own
+value is a sequence (KnormPress's skip_layers) takes a flat list as one value and a list of lists as an axis.
+A setting named num_layers (PyramidKV's) that an entry leaves out is the model's depth.
+Combinations the policy rejects (its ValueError, e.g. window >= capacity) are skipped with the reason;
+anything else wrong (YAML syntax, unknown keys or policies, wrong types) is a ConfigError: the CLI prints it
+on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from minipythia.cli import DTYPES
+from minipythia.compressors import COMPRESSORS, Compressor
+from minipythia.generation import WARMUP_STEPS
+
+DEFAULT_MAX_TOKENS = 8192
+DEFAULT_BATCH_SIZE = 16
+TOP_KEYS = ("model", "revision", "dtype", "data", "books", "tokenizer", "ctx_len", "stride", "max_tokens",
+            "batch_size", "speed", "policies")
+SPEED_KEYS = ("prompt_lengths", "new_tokens", "repeats")
+# Settings a sweep fills from the model when an entry leaves them out.
+MODEL_SETTINGS = ("num_layers",)
+
+
+class ConfigError(ValueError):
+    """A sweep configuration that cannot be run as written (a ValueError: the CLI exits with code 2)."""
+
+
+@dataclass
+class SpeedSpec:
+    prompt_lengths: list[int]
+    new_tokens: int = 32
+    repeats: int = 3
+
+
+@dataclass
+class Policy:
+    """One entry of `policies`: a compressor and its settings, each a list of the values to sweep."""
+    compressor: str
+    axes: dict[str, list]
+    index: int  # position in the YAML list, for messages
+
+
+@dataclass
+class SweepSpec:
+    path: Path
+    text: str  # the YAML as written, kept with the results
+    policies: list[Policy]
+    model: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    data: list[str] = field(default_factory=lambda: ["pg19"])
+    books: int | None = None
+    tokenizer: str | None = None
+    ctx_len: int | None = None
+    stride: int | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    batch_size: int = DEFAULT_BATCH_SIZE
+    speed: SpeedSpec | None = None
+
+
+@dataclass
+class Grid:
+    configs: list[Compressor]  # in the order of the YAML, each label once
+    skipped: list[dict]  # {"compressor", "settings", "reason"} of the combinations that were not run
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep config {str(path)!r} does not exist")
+    return parse_spec(path.read_text(encoding="utf-8"), path)
+
+
+def parse_spec(text: str, path: Path) -> SweepSpec:
+    where = str(path)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with a 'policies' list, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TOP_KEYS)}")
+
+    def get(key, kind, default=None, minimum=None, allow_none=False):
+        value = raw.get(key, default)
+        if value is None and (allow_none or key not in raw):
+            return value
+        if not _is(value, kind) or (minimum is not None and value < minimum):
+            bound = f" >= {minimum}" if minimum is not None else ""
+            raise ConfigError(f"{where}: {key} must be {kind.__name__}{bound}{' or null' if allow_none else ''}, "
+                              f"got {value!r}")
+        return value
+
+    data = raw.get("data", "pg19")
+    data = [data] if isinstance(data, str) else data
+    if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data):
+        raise ConfigError(f"{where}: data must be 'pg19', a directory or a list of .txt files, got {raw['data']!r}")
+    dtype = get("dtype", str, "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    spec = SweepSpec(path=path, text=text, policies=_policies(raw.get("policies"), where),
+                     model=get("model", str), revision=get("revision", str), dtype=dtype, data=data,
+                     books=get("books", int, minimum=1), tokenizer=get("tokenizer", str),
+                     ctx_len=get("ctx_len", int, minimum=2), stride=get("stride", int, minimum=1),
+                     max_tokens=get("max_tokens", int, DEFAULT_MAX_TOKENS, minimum=2, allow_none=True),
+                     batch_size=get("batch_size", int, DEFAULT_BATCH_SIZE, minimum=1),
+                     speed=_speed(raw.get("speed"), where))
+    if spec.ctx_len is not None and spec.stride is not None and spec.stride > spec.ctx_len:
+        raise ConfigError(f"{where}: stride ({spec.stride}) must be <= ctx_len ({spec.ctx_len})")
+    return spec
+
+
+def _is(value, kind) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _speed(raw, where: str) -> SpeedSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: speed must be a mapping like {{prompt_lengths: [512, 2048], new_tokens: 32}}")
+    unknown = sorted(set(raw) - set(SPEED_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown speed key(s) {', '.join(map(repr, unknown))}; allowed: "
+                          f"{', '.join(SPEED_KEYS)}")
+    lengths = raw.get("prompt_lengths")
+    lengths = [lengths] if _is(lengths, int) else lengths
+    if not isinstance(lengths, list) or not lengths or not all(_is(n, int) and n >= 1 for n in lengths):
+        raise ConfigError(f"{where}: speed.prompt_lengths must be a list of positive integers, got {lengths!r}")
+    spec = SpeedSpec(sorted(set(lengths)))
+    for key, minimum in (("new_tokens", WARMUP_STEPS + 2), ("repeats", 1)):
+        value = raw.get(key, getattr(spec, key))
+        if not _is(value, int) or value < minimum:
+            why = f" (the first token, {WARMUP_STEPS} warm-up steps, one timed step)" if key == "new_tokens" else ""
+            raise ConfigError(f"{where}: speed.{key} must be an integer >= {minimum}{why}, got {value!r}")
+        setattr(spec, key, value)
+    return spec
+
+
+def _policies(raw, where: str) -> list[Policy]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{where}: policies must be a non-empty list of {{compressor: NAME, setting: value(s)}}")
+    policies = []
+    for i, entry in enumerate(raw):
+        at = f"{where}: policies[{i}]"
+        if not isinstance(entry, dict) or "compressor" not in entry:
+            raise ConfigError(f"{at}: expected a mapping with a 'compressor' key, got {entry!r}")
+        name = entry["compressor"]
+        cls = COMPRESSORS.get(name)
+        if cls is None:
+            raise ConfigError(f"{at}: unknown compressor {name!r}; registered: {', '.join(COMPRESSORS)}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        axes = {}
+        for key, value in entry.items():
+            if key == "compressor":
+                continue
+            if key not in fields:
+                allowed = ", ".join(fields) or "none"
+                raise ConfigError(f"{at}: {name} has no setting {key!r}; its settings: {allowed}")
+            values = _axis(value, fields[key])
+            if not values:
+                raise ConfigError(f"{at}: {key} is an empty list; give at least one value")
+            axes[key] = [_checked(v, fields[key], f"{at}: {name}.{key}") for v in values]
+        policies.append(Policy(name, axes, i))
+    return policies
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _axis(value, f: dataclasses.Field) -> list:
+    """The values one setting takes. For a sequence-valued setting, a flat list is one value."""
+    if isinstance(_default(f), (list, tuple)):
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return value
+        return [value]
+    return value if isinstance(value, list) else [value]
+
+
+def _checked(value, f: dataclasses.Field, at: str):
+    """The value in the type of the setting's default (an int for an int, a tuple for a tuple...)."""
+    default = _default(f)
+    if isinstance(value, dict):
+        raise ConfigError(f"{at} must be a value or a list of values, got a mapping {value!r}")
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = _is(value, int)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, list)
+        value = tuple(value) if ok else value
+    else:  # no default to go by (None or required): the policy's own checks decide
+        ok = True
+    if not ok:
+        raise ConfigError(f"{at} must be of type {type(default).__name__} like its default {default!r}, got {value!r}")
+    return value
+
+
+def folder_name(label: str) -> str:
+    """The label as a folder name: characters other than letters, digits, '.', '_' and '-' become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
+
+
+def expand(policies: list[Policy], model_settings: dict | None = None) -> Grid:
+    """Every combination of every entry, built by its compressor class. model_settings (e.g. num_layers)
+    fill the settings of MODEL_SETTINGS that an entry leaves out, when the class has them."""
+    model_settings = model_settings or {}
+    configs, skipped, seen = [], [], {}
+    for policy in policies:
+        cls = COMPRESSORS[policy.compressor]
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        filled = {k: v for k, v in model_settings.items() if k in MODEL_SETTINGS and k in names and k not in policy.axes}
+        keys = list(policy.axes)
+        for values in itertools.product(*(policy.axes[k] for k in keys)):
+            settings = dict(zip(keys, values), **filled)
+            shown = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+            try:
+                compressor = cls(**settings)
+            except ValueError as e:
+                skipped.append(dict(compressor=policy.compressor, settings=shown, reason=str(e)))
+                continue
+            except TypeError as e:  # a required setting left out, or a value the class cannot compare
+                raise ConfigError(f"policies[{policy.index}] ({policy.compressor}, {shown}): {e}") from None
+            folder = folder_name(compressor.label)
+            if folder in seen:
+                skipped.append(dict(compressor=policy.compressor, settings=shown,
+                                    reason=f"the same configuration as an earlier entry ({seen[folder]})"))
+                continue
+            seen[folder] = compressor.label
+            configs.append(compressor)
+    return Grid(configs, skipped)
+
+
+def distance_from_defaults(compressor: str, settings: dict) -> int:
+    """How many settings differ from the policy's defaults (0 when the policy is no longer registered):
+    among variants of one budget, the closest to the defaults stands for them in plots and checks."""
+    cls = COMPRESSORS.get(compressor)
+    if cls is None:
+        return 0
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cls) if f.init}
+    normal = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    return sum(1 for k, v in settings.items() if k in normal and normal[k] != v)

@@ -1,0 +1,103 @@
+"""The report's figures, as PNG files: data in, picture out (eval.report decides what to plot).
+
+matplotlib runs on its Agg backend: no display is needed, and the figures look the same everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+DPI = 110
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(names)}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def ppl_vs_budget(points: list[dict], full_ppl: float | None, window_prompt: int, title: str, path: Path) -> Path:
+    """points: {policy, kept, ppl} for every configuration. One line per policy through its lowest PPL at
+    each budget (several variants can share a budget), every configuration as a faint dot, full KV dashed."""
+    policies = list(dict.fromkeys(p["policy"] for p in points))
+    colors = _colors(policies)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for policy in policies:
+        mine = [p for p in points if p["policy"] == policy]
+        best = {}
+        for p in mine:
+            best[p["kept"]] = min(best.get(p["kept"], p["ppl"]), p["ppl"])
+        xs = sorted(best)
+        label = policy + (f" (best per budget of {len(mine)} configs)" if len(mine) > len(xs) else "")
+        ax.plot(xs, [best[x] for x in xs], marker="o", color=colors[policy], label=label)
+        if len(mine) > len(xs):
+            ax.scatter([p["kept"] for p in mine], [p["ppl"] for p in mine], s=12, alpha=0.3, color=colors[policy])
+    if full_ppl is not None:
+        ax.axhline(full_ppl, linestyle="--", color="black", label=f"full KV (none): {full_ppl:.2f}")
+    ax.set_xlabel(f"kept KV entries per head (of a {window_prompt}-token window prompt; mean over layers)")
+    ax.set_ylabel("perplexity (PPL, lower is better)")
+    if window_prompt > 0:
+        top = ax.secondary_xaxis("top", functions=(lambda x: x / window_prompt, lambda f: f * window_prompt))
+        top.set_xlabel("KV fraction kept")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _panels(panels: dict[str, dict[str, list[dict]]], metrics: list[tuple[str, str]], none_rows: list[dict],
+            title: str, path: Path) -> Path:
+    """A row of panels per metric, a column per policy: at one budget every policy keeps as many entries,
+    so lines of several policies would lie on top of each other; side by side they stay readable.
+    Each panel holds the policy's budgets (one configuration each) and no compression, dashed."""
+    policies = list(panels)
+    fig, axes = plt.subplots(len(metrics), len(policies), figsize=(3.6 * len(policies) + 1, 3.2 * len(metrics)),
+                             sharex=True, sharey="row", squeeze=False)
+    for col, policy in enumerate(policies):
+        colors = _colors(list(panels[policy]))
+        for row, (key, ylabel) in enumerate(metrics):
+            ax = axes[row][col]
+            if none_rows:
+                rows = sorted(none_rows, key=lambda r: r["prompt_len"])
+                ax.plot([r["prompt_len"] for r in rows], [r[key] for r in rows], linestyle="--", color="black",
+                        marker=".", label="none (full KV)")
+            for label, rows in panels[policy].items():
+                rows = sorted(rows, key=lambda r: r["prompt_len"])
+                ax.plot([r["prompt_len"] for r in rows], [r[key] for r in rows], marker="o", color=colors[label],
+                        label=label)
+            ax.grid(alpha=0.3)
+            if row == 0:
+                ax.set_title(policy, fontsize=10)
+            if col == 0:
+                ax.set_ylabel(ylabel, fontsize=9)
+            if row == len(metrics) - 1:
+                ax.set_xlabel("prompt length (tokens)")
+        axes[0][col].legend(fontsize=7)
+    for row in axes:  # once every panel is drawn: the rows share their y axis, scaled to all of them
+        row[0].set_ylim(bottom=0)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def speed_vs_prompt(panels: dict[str, dict[str, list[dict]]], none_rows: list[dict], title: str, path: Path) -> Path:
+    """panels: policy -> label -> [{prompt_len, tpot_ms, kv_mib}]: decode time and KV held, per prompt length."""
+    return _panels(panels, [("tpot_ms", "time per output token\nTPOT (ms, median)"),
+                            ("kv_mib", "KV cache after prefill\n+ compression (MiB)")], none_rows, title, path)
+
+
+def overhead_vs_prompt(panels: dict[str, dict[str, list[dict]]], title: str, path: Path) -> Path:
+    """panels: policy -> label -> [{prompt_len, compress_ms, compress_pct}]: the compression's time."""
+    return _panels(panels, [("compress_ms", "compression time\n(ms, median)"),
+                            ("compress_pct", "compression time\n(% of TTFT)")], [], title, path)
