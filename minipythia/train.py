@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,11 +65,23 @@ def tokenize_books(books, tokenizer_path: Path, cache_path: Path) -> torch.Tenso
     return ids
 
 
-def batch_at(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int):
-    """Random windows drawn from a generator seeded by (seed, step): resuming replays the same batches."""
+def batch_at(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int,
+             repeat_fraction: float = 0.0):
+    """Random windows drawn from a generator seeded by (seed, step): resuming replays the same batches.
+
+    With repeat_fraction, that share of the rows gets a span of its own text pasted again further on, so
+    the later copy is predictable only by looking back: the copy (induction) behaviour that makes a model
+    use its context, which a model this small barely learns from ten million tokens of books alone.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=g)
     rows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()]).long()
+    for row in rows:
+        if torch.rand((), generator=g) < repeat_fraction:
+            span = int(torch.randint(16, 129, (), generator=g))
+            source = int(torch.randint(0, seq_len // 2 - span, (), generator=g))
+            target = int(torch.randint(source + span, seq_len + 1 - span, (), generator=g))
+            row[target:target + span] = row[source:source + span].clone()
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -147,7 +160,15 @@ def main(argv=None) -> int:
     # pass under bf16 autocast ran ~45x slower than float32.
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (pays on CPUs with AMX/avx512_bf16, GPUs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat-fraction", type=float, default=0.0,
+                   help="share of rows with a span of their text repeated later (teaches copying from context)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this checkpoint's weights and tokenizer (a second phase) instead of random")
     args = p.parse_args(argv)
+    if not 0.0 <= args.repeat_fraction <= 1.0:
+        raise ValueError(f"--repeat-fraction must be in [0, 1], got {args.repeat_fraction}")
+    if args.repeat_fraction and args.seq_len < 2 * 128 + 2:
+        raise ValueError(f"--repeat-fraction needs --seq-len >= 258 (spans of up to 128 tokens), got {args.seq_len}")
     if not args.data.is_dir():
         raise ValueError(f"{args.data} is not a directory; give a directory of .txt books")
     for name in ("vocab_size", "layers", "hidden", "heads", "seq_len", "batch_size", "steps", "eval_every",
@@ -162,6 +183,8 @@ def main(argv=None) -> int:
     if len(books) <= args.val_books:
         raise ValueError(f"{args.data} has {len(books)} books; need more than --val-books {args.val_books}")
     tokenizer_path = args.out / "tokenizer.json"
+    if args.init_from is not None and not tokenizer_path.is_file():
+        shutil.copyfile(args.init_from / "tokenizer.json", tokenizer_path)
     if not tokenizer_path.is_file():
         print(f"training a {args.vocab_size}-token BPE on {len(books) - args.val_books} books", file=sys.stderr)
         train_tokenizer((text for _, text in books[:-args.val_books]), args.vocab_size, tokenizer_path)
@@ -173,7 +196,14 @@ def main(argv=None) -> int:
                           num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
                           max_position_embeddings=args.seq_len, rotary_pct=0.25, use_parallel_residual=True)
     torch.manual_seed(args.seed)
-    model = Pythia(config).init_weights(seed=args.seed)
+    if args.init_from is not None:
+        model = Pythia.from_pretrained(args.init_from).train()
+        if model.config != config:
+            raise ValueError(f"--init-from {args.init_from} has another shape than the options ask for")
+        for p_ in model.parameters():  # loaded for inference; this is training
+            p_.requires_grad_(True)
+    else:
+        model = Pythia(config).init_weights(seed=args.seed)
     optimizer = optimizer_for(model, args.lr, args.weight_decay)
     step, log = 0, []
     state_path = state_dir / "state.pt"
@@ -200,7 +230,8 @@ def main(argv=None) -> int:
         lr = learning_rate(step, args.steps, args.warmup, args.lr, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = loss_on(model, *batch_at(train_tokens, step, args.batch_size, args.seq_len, args.seed), autocast)
+        loss = loss_on(model, *batch_at(train_tokens, step, args.batch_size, args.seq_len, args.seed,
+                                        args.repeat_fraction), autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)

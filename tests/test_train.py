@@ -39,6 +39,27 @@ def test_batches_are_a_function_of_the_step():
     assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
 
 
+def test_repeat_fraction_pastes_a_span_of_the_row_again_further_on():
+    tokens = torch.arange(10_000, dtype=torch.int32)  # all distinct: a repeated id can only be a pasted span
+    plain, _ = batch_at(tokens, 3, 4, 300, seed=0)
+    x, _ = batch_at(tokens, 3, 4, 300, seed=0, repeat_fraction=1.0)
+    for row in x:
+        repeated = len(row) - len(set(row.tolist()))
+        assert 16 <= repeated <= 128
+    assert torch.equal(batch_at(tokens, 3, 4, 300, seed=0, repeat_fraction=0.0)[0], plain)
+
+
+def test_init_from_starts_a_second_phase_from_a_checkpoint(books, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    main([str(books), str(first), *ARGS, "--steps", "10"])
+    main([str(books), str(second), *ARGS, "--steps", "10", "--init-from", str(first), "--lr", "1e-9",
+          "--min-lr", "1e-9", "--weight-decay", "0"])
+    a, b = Pythia.from_pretrained(first), Pythia.from_pretrained(second)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-3), name  # a negligible learning rate leaves the first phase's weights
+    assert (second / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+
+
 def test_train_learns_and_writes_a_checkpoint_transformers_loads(books, tmp_path):
     out = tmp_path / "ckpt"
     assert main([str(books), str(out), *ARGS, "--steps", "40"]) == 0
