@@ -20,7 +20,7 @@ import torch
 from minipythia import KnormPress, NoCompression, Pythia, SnapKV
 
 from .data import random_prompt
-from .ppl import sliding_window_nlls
+from .ppl import default_windows, sliding_window_nlls
 from .speed import load_hf, measure, measure_hf
 
 SWEEP_CONFIGS = [NoCompression(), KnormPress(0.5), KnormPress(0.75)] + [
@@ -103,8 +103,7 @@ def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_to
                                     compress_ms=r["compress_ms"], share_of_ttft=r["compress_ms"] / r["ttft_ms"],
                                     tpot_ms=r["tpot_ms"]))
     model = Pythia.from_pretrained(directory, dtype=torch.float32, device=device)
-    ctx = min(2048, model.config.max_position_embeddings)
-    sweep = sweep_cost(model, sweep_tokens, ctx, ctx // 4) if sweep_tokens else None
+    sweep = sweep_cost(model, sweep_tokens, *default_windows(model, None, None)) if sweep_tokens else None
     where = (torch.cuda.get_device_name() if device.startswith("cuda")
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     result = dict(model=str(directory), machine=f"{where}, torch {torch.__version__}", copy_gbs=copy_gbs, new_tokens=new_tokens, repeats=repeats,
