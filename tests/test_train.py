@@ -116,3 +116,27 @@ def test_bad_data_dir_is_a_one_line_error(tmp_path, capsys):
 
     assert run_cli(main, [str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_training_gradients_equal_transformers(tiny_hf_and_checkpoint):
+    """What the trainer optimises is the model transformers defines: same loss and same gradient for every
+    weight (the in-place rotary included), on the same weights and tokens, in float32."""
+    from conftest import hf_reference
+
+    from minipythia.train import loss_on
+
+    _, checkpoint = tiny_hf_and_checkpoint
+    hf = hf_reference().train()
+    ours = Pythia.from_pretrained(checkpoint).train()
+    for p in ours.parameters():
+        p.requires_grad_(True)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    hf(ids, labels=ids).loss.backward()
+    loss = loss_on(ours, ids[:, :-1], ids[:, 1:], autocast=False)
+    loss.backward()
+    hf_params = {name.removeprefix("gpt_neox.").replace("lm_head.", "embed_out."): p
+                 for name, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        reference = hf_params[name].grad
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
