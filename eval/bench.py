@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,17 +56,33 @@ def decode_bytes_per_token(model: Pythia, kv_entries: int) -> int:
     return (weights + kv) * size
 
 
-def sweep_cost(model: Pythia, tokens: int, ctx_len: int, stride: int) -> dict:
-    """Seconds to score SWEEP_CONFIGS from shared prefills vs the first of them alone, same windows."""
+def sweep_cost(model: Pythia, tokens: int, ctx_len: int, stride: int, repeats: int = 1) -> dict:
+    """Seconds to score SWEEP_CONFIGS from shared prefills vs the first of them alone, same windows. The two
+    alternate `repeats` times; the ratio is the median of the paired ratios, so drift hits both sides alike."""
     ids = random_prompt(tokens, model.config.vocab_size, seed=1)
-    t = time.perf_counter()
-    alone = sliding_window_nlls(model, ids, ctx_len, stride, [SWEEP_CONFIGS[0]])
-    one = time.perf_counter() - t
-    t = time.perf_counter()
-    shared = sliding_window_nlls(model, ids, ctx_len, stride, SWEEP_CONFIGS)
-    together = time.perf_counter() - t
-    return dict(configs=len(SWEEP_CONFIGS), tokens=tokens, ctx_len=ctx_len, stride=stride, one_config_s=one,
-                all_configs_s=together, ratio=together / one, none_nll_identical=torch.equal(alone[0], shared[0]))
+    ones, togethers, identical = [], [], True
+    for _ in range(repeats):
+        t = time.perf_counter()
+        alone = sliding_window_nlls(model, ids, ctx_len, stride, [SWEEP_CONFIGS[0]])
+        ones.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        shared = sliding_window_nlls(model, ids, ctx_len, stride, SWEEP_CONFIGS)
+        togethers.append(time.perf_counter() - t)
+        identical = identical and torch.equal(alone[0], shared[0])
+    return dict(configs=len(SWEEP_CONFIGS), tokens=tokens, ctx_len=ctx_len, stride=stride, repeats=repeats,
+                one_config_s=statistics.median(ones), all_configs_s=statistics.median(togethers),
+                ratio=statistics.median(b / a for a, b in zip(ones, togethers)), none_nll_identical=identical)
+
+
+def median_row(runs: list[dict]) -> dict:
+    """TTFT, TPOT and tokens/s of single-repeat rows, as medians over the rows."""
+    tpot = statistics.median(r["tpot_ms"] for r in runs)
+    return dict(ttft_ms=statistics.median(r["ttft_ms"] for r in runs), tpot_ms=tpot, tok_s=1e3 / tpot)
+
+
+def paired_ratio(ours: list[dict], theirs: list[dict], key: str) -> float:
+    """Median over repeats of ours / theirs, each pair measured back to back."""
+    return statistics.median(a[key] / b[key] for a, b in zip(ours, theirs))
 
 
 def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_tokens: int, repeats: int,
@@ -78,22 +95,31 @@ def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_to
         dtype = getattr(torch, dtype_name)
         model = Pythia.from_pretrained(directory, dtype=dtype, device=device)
         prompts = {n: random_prompt(n, model.config.vocab_size) for n in prompt_lens}
-        ours = {r["prompt_len"]: r for r in measure(model, prompts, [NoCompression()], new_tokens, repeats)}
         hf = load_hf(directory, dtype) if use_hf else None
         hf = hf.to(device) if hf is not None else None
-        theirs = {r["prompt_len"]: r for r in measure_hf(hf, prompts, new_tokens, repeats)} if hf else {}
+        # Engines alternate run by run (ours, then transformers, at each length, `repeats` times), so that a
+        # machine that slows down for a minute slows both; each ratio is the median of the paired ratios.
+        ours, theirs = {n: [] for n in prompt_lens}, {n: [] for n in prompt_lens}
+        for _ in range(repeats):
+            for n in prompt_lens:
+                ours[n] += measure(model, {n: prompts[n]}, [NoCompression()], new_tokens, 1)
+                if hf is not None:
+                    theirs[n] += measure_hf(hf, {n: prompts[n]}, new_tokens, 1)
         del hf
         for n in prompt_lens:
-            mine = ours[n]
+            mine = median_row(ours[n])
             bytes_read = decode_bytes_per_token(model, n + new_tokens // 2)
             row = dict(dtype=dtype_name, prompt_len=n, ttft_ms=mine["ttft_ms"], tpot_ms=mine["tpot_ms"],
                        tok_s=mine["tok_s"], decode_gbs=bytes_read * mine["tok_s"] / 1e9)
             row["of_copy_bandwidth"] = row["decode_gbs"] / copy_gbs
-            if n in theirs:
-                row.update(hf_ttft_ms=theirs[n]["ttft_ms"], hf_tpot_ms=theirs[n]["tpot_ms"],
-                           hf_tok_s=theirs[n]["tok_s"], tpot_ratio=mine["tpot_ms"] / theirs[n]["tpot_ms"],
-                           ttft_ratio=mine["ttft_ms"] / theirs[n]["ttft_ms"],
-                           same_tokens=mine["tokens"] == theirs[n]["tokens"])
+            if theirs[n]:
+                ref = median_row(theirs[n])
+                row.update(hf_ttft_ms=ref["ttft_ms"], hf_tpot_ms=ref["tpot_ms"], hf_tok_s=ref["tok_s"],
+                           tpot_ratio=paired_ratio(ours[n], theirs[n], "tpot_ms"),
+                           ttft_ratio=paired_ratio(ours[n], theirs[n], "ttft_ms"),
+                           same_tokens=all(a["tokens"] == b["tokens"] for a, b in zip(ours[n], theirs[n])),
+                           tpot_ms_runs=[r["tpot_ms"] for r in ours[n]],
+                           hf_tpot_ms_runs=[r["tpot_ms"] for r in theirs[n]])
             rows.append(row)
         longest = max(prompt_lens)
         snap = SnapKV(window_size=32, max_capacity_prompt=512, kernel_size=5, pooling="avgpool")
@@ -103,7 +129,7 @@ def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_to
                                     compress_ms=r["compress_ms"], share_of_ttft=r["compress_ms"] / r["ttft_ms"],
                                     tpot_ms=r["tpot_ms"]))
     model = Pythia.from_pretrained(directory, dtype=torch.float32, device=device)
-    sweep = sweep_cost(model, sweep_tokens, *default_windows(model, None, None)) if sweep_tokens else None
+    sweep = sweep_cost(model, sweep_tokens, *default_windows(model, None, None), repeats) if sweep_tokens else None
     where = (torch.cuda.get_device_name() if device.startswith("cuda")
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     result = dict(model=str(directory), machine=f"{where}, torch {torch.__version__}", copy_gbs=copy_gbs, new_tokens=new_tokens, repeats=repeats,
@@ -119,7 +145,8 @@ def _f(value, fmt: str) -> str:
 
 def bench_table(result: dict) -> str:
     lines = [f"model {result['model']}; {result['machine']}; copy bandwidth {result['copy_gbs']:.1f} GB/s; "
-             f"{result['new_tokens']} new tokens, median of {result['repeats']} runs; {result['time']}", "",
+             f"{result['new_tokens']} new tokens, median of {result['repeats']} runs, the engines alternating run by run "
+             f"(ratios: medians of the paired ratios); {result['time']}", "",
              "| dtype | prompt | TTFT ms | HF TTFT ms | TTFT ratio | TPOT ms | HF TPOT ms | TPOT ratio | tok/s "
              "| HF tok/s | decode GB/s | of copy bw | same tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -134,7 +161,8 @@ def bench_table(result: dict) -> str:
     sw = result["sweep"]
     if sw:
         lines.append(f"\nSweep: {sw['configs']} configs from shared prefills took {sw['all_configs_s']:.1f} s, one "
-                     f"config alone {sw['one_config_s']:.1f} s: {sw['ratio']:.2f}x ({sw['tokens']} tokens, "
+                     f"config alone {sw['one_config_s']:.1f} s: {sw['ratio']:.2f}x (median of {sw.get('repeats', 1)} paired runs; "
+                     f"{sw['tokens']} tokens, "
                      f"windows {sw['ctx_len']}/{sw['stride']}, float32; NLLs of 'none' identical: "
                      f"{sw['none_nll_identical']})")
     return "\n".join(lines)
