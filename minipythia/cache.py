@@ -41,6 +41,7 @@ class KVCache:
         self._lengths = [0] * n  # entries in use per layer
         self._queries: list[torch.Tensor | None] = [None] * n  # (B, nh, <= _query_window, hs), decode_interval only
         self._new_positions: torch.Tensor | None = None  # positions of the forward being stored, see append
+        self._float32_scratch: torch.Tensor | None = None  # see in_float32
         self.seen = 0
         self.nbytes_before_compression: int | None = None  # set by the compression at the end of the prefill
         self.compress_seconds = 0.0  # time spent compressing (scoring, top-k, gather), prefill and decoding
@@ -91,6 +92,19 @@ class KVCache:
         self._positions[layer][:, :, n : n + T] = self._new_positions
         self._lengths[layer] = n + T
         return self.keys(layer), self.values(layer)
+
+    def in_float32(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, nh, n, hs) copied into float32 scratch tensors that every layer reuses (grown by GROWTH):
+        a fresh allocation of that size each step cost more than the copy. The cache's own tensors, and
+        its memory figures, stay in the model's dtype."""
+        B, H, n, D = k.shape
+        scratch = self._float32_scratch
+        if scratch is None or scratch.size(3) < n:
+            scratch = self._float32_scratch = torch.empty(2, B, H, n + GROWTH, D, device=k.device)
+        keys, values = scratch[0, :, :, :n], scratch[1, :, :, :n]
+        keys.copy_(k)
+        values.copy_(v)
+        return keys, values
 
     def _grow(self, layer: int, capacity: int):
         B, H, D, n = self.batch_size, self.n_heads, self.head_size, self._lengths[layer]

@@ -91,6 +91,34 @@ def test_bf16_logits_close_to_transformers_bf16(pair, shape, rotary_pct, paralle
     assert torch.equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])
 
 
+
+@pytest.mark.parametrize("shape", SHAPES)
+@torch.no_grad()
+def test_bf16_cached_decoding_as_accurate_as_transformers(pair, shape):
+    """On CPU a bf16 decode step reads the cache in float32 (Attention.forward): teacher-forced one token at a
+    time after a prefill, its logits must be as close to the float32 reference as transformers' own cached
+    bf16 decoding, and the cache itself stays bfloat16."""
+    hf32, _ = pair(shape, 0.25, True)
+    hf16, model = pair(shape, 0.25, True, torch.bfloat16)
+    ids = random_ids(model, 2, SEQ_LEN[shape] + 8, seed=3)
+    prompt = SEQ_LEN[shape]
+    ref = hf32(ids).logits[:, prompt:]
+    cache = model.new_cache(2)
+    model(ids[:, :prompt], cache=cache, last_only=True)
+    ours = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(prompt, ids.size(1))], dim=1).float()
+    assert cache.keys(0).dtype == torch.bfloat16 and cache._float32_scratch is not None  # the float32 path ran
+    out = hf16(ids[:, :prompt], use_cache=True)
+    theirs = []
+    for t in range(prompt, ids.size(1)):
+        out = hf16(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        theirs.append(out.logits)
+    theirs = torch.cat(theirs, dim=1).float()
+    ours_err, hf_err = (ours - ref).abs(), (theirs - ref).abs()
+    print(f"bf16 cached decoding {shape}: max err vs fp32 ours {ours_err.max():.3g} transformers {hf_err.max():.3g}; "
+          f"mean ours {ours_err.mean():.3g} transformers {hf_err.mean():.3g}")
+    assert ours_err.max() <= 2 * hf_err.max()
+    assert ours_err.mean() <= 1.5 * hf_err.mean()
+
 def greedy(model, ids, n_new):
     """Greedy decoding with our cache: prefill, then one token at a time."""
     cache = model.new_cache(ids.size(0))
