@@ -21,7 +21,7 @@ import torch
 from minipythia import KnormPress, NoCompression, Pythia, SnapKV
 
 from .data import random_prompt
-from .ppl import default_windows, sliding_window_nlls
+from .ppl import PrefillRecorder, default_windows, sliding_window_nlls, token_nll
 from .speed import load_hf, measure, measure_hf
 
 SWEEP_CONFIGS = [NoCompression(), KnormPress(0.5), KnormPress(0.75)] + [
@@ -72,6 +72,32 @@ def sweep_cost(model: Pythia, tokens: int, ctx_len: int, stride: int, repeats: i
     return dict(configs=len(SWEEP_CONFIGS), tokens=tokens, ctx_len=ctx_len, stride=stride, repeats=repeats,
                 one_config_s=statistics.median(ones), all_configs_s=statistics.median(togethers),
                 ratio=statistics.median(b / a for a, b in zip(ones, togethers)), none_nll_identical=identical)
+
+
+@torch.inference_mode()
+def window_cost(model: Pythia, ctx_len: int, stride: int, repeats: int = 1) -> dict:
+    """Where a sweep's time goes in one window after the first (a prompt of ctx_len - stride tokens, then
+    stride targets): the shared prefill, and each config's replay + target forward + NLLs. With them, the
+    steady-state cost of SWEEP_CONFIGS against the first alone, which a long text approaches (the bench's
+    first window has no prompt and is shared whole, which flatters short texts)."""
+    ids = random_prompt(ctx_len, model.config.vocab_size, seed=2).view(1, -1)
+    prompt, targets = ids[:, : ctx_len - stride], ids[:, ctx_len - stride :]
+    prefills, own = [], {c.label: [] for c in SWEEP_CONFIGS}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        recorder = PrefillRecorder(model)
+        model(prompt, cache=recorder, last_only=True)
+        prefills.append(time.perf_counter() - t)
+        for c in SWEEP_CONFIGS:
+            t = time.perf_counter()
+            token_nll(model(targets[:, :-1], cache=recorder.replay(model, c)), targets[:, 1:])
+            own[c.label].append(time.perf_counter() - t)
+    prefill = statistics.median(prefills)
+    per_config = {label: statistics.median(v) for label, v in own.items()}
+    first = per_config[SWEEP_CONFIGS[0].label]
+    return dict(prompt=ctx_len - stride, targets=stride, prefill_ms=1e3 * prefill,
+                config_ms={label: 1e3 * v for label, v in per_config.items()},
+                ratio=(prefill + sum(per_config.values())) / (prefill + first))
 
 
 def median_row(runs: list[dict]) -> dict:
@@ -129,7 +155,10 @@ def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_to
                                     compress_ms=r["compress_ms"], share_of_ttft=r["compress_ms"] / r["ttft_ms"],
                                     tpot_ms=r["tpot_ms"]))
     model = Pythia.from_pretrained(directory, dtype=torch.float32, device=device)
-    sweep = sweep_cost(model, sweep_tokens, *default_windows(model, None, None), repeats) if sweep_tokens else None
+    windows = default_windows(model, None, None)
+    sweep = sweep_cost(model, sweep_tokens, *windows, repeats) if sweep_tokens else None
+    if sweep:
+        sweep["window"] = window_cost(model, *windows, repeats)
     where = (torch.cuda.get_device_name() if device.startswith("cuda")
              else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     result = dict(model=str(directory), machine=f"{where}, torch {torch.__version__}", copy_gbs=copy_gbs, new_tokens=new_tokens, repeats=repeats,
@@ -165,4 +194,10 @@ def bench_table(result: dict) -> str:
                      f"{sw['tokens']} tokens, "
                      f"windows {sw['ctx_len']}/{sw['stride']}, float32; NLLs of 'none' identical: "
                      f"{sw['none_nll_identical']})")
+        w = sw.get("window")
+        if w:
+            configs = ", ".join(f"{label} {ms:.0f}" for label, ms in w["config_ms"].items())
+            lines.append(f"\nOne window after the first ({w['prompt']}-token prompt, {w['targets']} targets): shared "
+                         f"prefill {w['prefill_ms']:.0f} ms; each config's replay + target forward + NLLs, ms: "
+                         f"{configs}. Steady state (a long text): {w['ratio']:.2f}x one config alone.")
     return "\n".join(lines)

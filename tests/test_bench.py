@@ -23,8 +23,11 @@ def test_bench_compares_with_transformers_and_times_the_sweep(tiny_checkpoint, t
         assert 0 < r["of_copy_bandwidth"] == pytest.approx(r["decode_gbs"] / result["copy_gbs"])
     assert result["sweep"]["configs"] == 6 and result["sweep"]["none_nll_identical"]
     assert result["sweep"]["repeats"] == 3
+    window = result["sweep"]["window"]
+    prefill, per_config = window["prefill_ms"], list(window["config_ms"].values())
+    assert len(per_config) == 6 and window["ratio"] == pytest.approx((prefill + sum(per_config)) / (prefill + per_config[0]))
     table = (out / "bench.md").read_text()
-    assert "TPOT ratio" in table and "Sweep: 6 configs" in table
+    assert "TPOT ratio" in table and "Sweep: 6 configs" in table and "Steady state" in table
     assert table.strip() in capsys.readouterr().out
 
 
