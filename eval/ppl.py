@@ -81,13 +81,19 @@ class PrefillRecorder(KVCache):
         return cache
 
 
+def same_positions(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two caches of one prefill kept the same entries in every layer, head and batch row."""
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
 @torch.inference_mode()
 def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
                         compressors: list[Compressor | None] = (None,), desc: str | None = None,
                         seconds: list[float] | None = None) -> list[torch.Tensor]:
     """Per-token NLLs (float32, one per scored token, in order) for each compressor, from shared prefills.
 
-    Windows without a prompt are computed once for all. With `seconds` (a list of len(compressors)), each
+    Windows without a prompt are computed once for all, and so are the targets of compressors whose caches
+    kept the same entries (a budget at or above the prompt keeps every entry, as none does). With `seconds` (a list of len(compressors)), each
     compressor's own work (replay, target forward) is added to its entry and the shared work split evenly.
     `desc` shows a tqdm bar over the windows.
     """
@@ -121,12 +127,20 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
             first = token_nll(model(prompt, cache=recorder, last_only=True), targets[:, :1])
             caches = (recorder.replay(model, c) for c in compressors)  # one replayed cache alive at a time
         shared += time.perf_counter() - t
+        scored: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (kept positions per layer, NLLs)
         for i, per_config in enumerate(nlls):
             t = time.perf_counter()
             cache = next(caches)
-            nll = first
-            if targets.size(1) > 1:  # the other targets, teacher-forced through the compressed cache
-                nll = torch.cat((first, token_nll(model(targets[:, :-1], cache=cache), targets[:, 1:])))
+            kept = [cache.positions(layer) for layer in range(cache.num_layers)]
+            # Kept entries are copies of the one prefill's, so caches that kept the same positions are the
+            # same cache and score the same NLLs (a budget at or above the prompt keeps everything, as none):
+            # those are reused, not recomputed.
+            nll = next((n for positions, n in scored if same_positions(positions, kept)), None)
+            if nll is None:
+                nll = first
+                if targets.size(1) > 1:  # the other targets, teacher-forced through the compressed cache
+                    nll = torch.cat((first, token_nll(model(targets[:, :-1], cache=cache), targets[:, 1:])))
+                scored.append((kept, nll))
             per_config.append(nll)
             own[i] += time.perf_counter() - t
     if seconds is not None:

@@ -136,6 +136,26 @@ def test_shared_prefill_equals_separate_runs(tiny):
     assert all(s > 0 for s in seconds)
 
 
+def test_configs_that_keep_the_same_entries_are_scored_once(tiny, monkeypatch):
+    """SnapKV with C at or above the 48-entry prompts keeps everything, as none does: its targets are not run
+    again, and its NLLs are still those of a separate run."""
+    ids = ids_of(203)
+    configs = [NoCompression(), SnapKV(window_size=8, max_capacity_prompt=48), KnormPress(0.5),
+               SnapKV(window_size=8, max_capacity_prompt=64)]
+    forwards = []
+    real_forward = type(tiny).forward
+    monkeypatch.setattr(type(tiny), "forward", lambda self, ids, **kw: forwards.append(ids.size(1)) or
+                        real_forward(self, ids, **kw))
+    shared = sliding_window_nlls(tiny, ids, 64, 16, configs)
+    all_four = list(forwards)
+    forwards.clear()
+    sliding_window_nlls(tiny, ids, 64, 16, [configs[0], configs[2]])
+    assert all_four == forwards  # the forwards of none and KnormPress alone: the two SnapKVs ran none
+    monkeypatch.undo()
+    for c, nll in zip(configs, shared):
+        assert torch.equal(nll, sliding_window_nll(tiny, ids, 64, 16, c)), c.label
+
+
 def test_window_arguments_are_checked(tiny):
     for ctx_len, stride in ((64, 65), (64, 0), (1, 1)):
         with pytest.raises(ValueError):
