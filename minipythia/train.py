@@ -66,12 +66,15 @@ def tokenize_books(books, tokenizer_path: Path, cache_path: Path) -> torch.Tenso
 
 
 def batch_at(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int,
-             repeat_fraction: float = 0.0):
+             repeat_fraction: float = 0.0, copy_fraction: float = 0.0, vocab_size: int = 0):
     """Random windows drawn from a generator seeded by (seed, step): resuming replays the same batches.
 
     With repeat_fraction, that share of the rows gets a span of its own text pasted again further on, so
     the later copy is predictable only by looking back: the copy (induction) behaviour that makes a model
     use its context, which a model this small barely learns from ten million tokens of books alone.
+    With copy_fraction, that share of the rows is replaced by a synthetic copy task: a random run of 8-48
+    token ids (drawn from 1 .. vocab_size-1) repeated to fill the row, where only looking back predicts
+    anything past the first run.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=g)
@@ -82,6 +85,10 @@ def batch_at(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, see
             source = int(torch.randint(0, seq_len // 2 - span, (), generator=g))
             target = int(torch.randint(source + span, seq_len + 1 - span, (), generator=g))
             row[target:target + span] = row[source:source + span].clone()
+    for row in rows:
+        if copy_fraction and torch.rand((), generator=g) < copy_fraction:
+            run = torch.randint(1, vocab_size, (int(torch.randint(8, 49, (), generator=g)),), generator=g)
+            row.copy_(run.repeat(seq_len // run.numel() + 2)[: seq_len + 1])
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -106,6 +113,19 @@ def validation_loss(model, tokens, batches: int, batch_size: int, seq_len: int, 
               for i in range(batches)]
     model.train()
     return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def copy_gain(model, vocab_size: int, length: int = 100, rows: int = 8) -> float:
+    """Nats per token by which a second copy of random token runs is predicted better than the first: about
+    0 for a model that does not copy from its context, up to ~log(vocab) for one that copies perfectly."""
+    was_training = model.training
+    model.eval()
+    run = torch.randint(1, vocab_size, (rows, length), generator=torch.Generator().manual_seed(5))
+    ids = torch.cat((run, run), dim=1)
+    nll = F.cross_entropy(model(ids[:, :-1]).float().transpose(1, 2), ids[:, 1:], reduction="none")
+    model.train(was_training)
+    return (nll[:, 5 : length - 1].mean() - nll[:, length + 5 :].mean()).item()
 
 
 def optimizer_for(model, lr: float, weight_decay: float):
@@ -162,6 +182,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat-fraction", type=float, default=0.0,
                    help="share of rows with a span of their text repeated later (teaches copying from context)")
+    p.add_argument("--copy-fraction", type=float, default=0.0,
+                   help="share of rows replaced by a random run of tokens repeated to fill the row (a copy task)")
+    p.add_argument("--max-positions", type=int, default=None,
+                   help="max_position_embeddings of the model (default: --seq-len), e.g. to keep a checkpoint's "
+                        "1024 while a phase trains on shorter rows")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from this checkpoint's weights and tokenizer (a second phase) instead of random")
     args = p.parse_args(argv)
@@ -169,6 +194,10 @@ def main(argv=None) -> int:
         raise ValueError(f"--repeat-fraction must be in [0, 1], got {args.repeat_fraction}")
     if args.repeat_fraction and args.seq_len < 2 * 128 + 2:
         raise ValueError(f"--repeat-fraction needs --seq-len >= 258 (spans of up to 128 tokens), got {args.seq_len}")
+    if not 0.0 <= args.copy_fraction <= 1.0:
+        raise ValueError(f"--copy-fraction must be in [0, 1], got {args.copy_fraction}")
+    if args.max_positions is not None and args.max_positions < args.seq_len:
+        raise ValueError(f"--max-positions must be >= --seq-len {args.seq_len}, got {args.max_positions}")
     if not args.data.is_dir():
         raise ValueError(f"{args.data} is not a directory; give a directory of .txt books")
     for name in ("vocab_size", "layers", "hidden", "heads", "seq_len", "batch_size", "steps", "eval_every",
@@ -194,7 +223,7 @@ def main(argv=None) -> int:
 
     config = PythiaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                           num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
-                          max_position_embeddings=args.seq_len, rotary_pct=0.25, use_parallel_residual=True)
+                          max_position_embeddings=args.max_positions or args.seq_len, rotary_pct=0.25, use_parallel_residual=True)
     torch.manual_seed(args.seed)
     if args.init_from is not None:
         model = Pythia.from_pretrained(args.init_from).train()
@@ -231,7 +260,7 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = loss_on(model, *batch_at(train_tokens, step, args.batch_size, args.seq_len, args.seed,
-                                        args.repeat_fraction), autocast)
+                                        args.repeat_fraction, args.copy_fraction, args.vocab_size), autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -242,6 +271,7 @@ def main(argv=None) -> int:
         if step % args.eval_every == 0 or step == args.steps:
             record["val_loss"] = round(validation_loss(model, val_tokens, 8, args.batch_size, args.seq_len,
                                                        autocast), 4)
+            record["copy_gain"] = round(copy_gain(model, args.vocab_size), 4)
         log.append(record)
         elapsed = time.perf_counter() - started
         record["seconds"] = round(prior_seconds + elapsed, 1)
@@ -250,6 +280,7 @@ def main(argv=None) -> int:
         if step % args.save_every == 0 or step == args.steps:
             save_state()
             bar.write(f"step {step}: loss {record['loss']} val {record.get('val_loss', '-')} "
+                      f"copy gain {record.get('copy_gain', '-')} "
                       f"{tokens_per_step * (step - first_step) / elapsed:.0f} tokens/s")
     bar.close()
 

@@ -7,7 +7,7 @@ import torch
 
 from minipythia.model import Pythia
 from minipythia.tokenizer import Tokenizer
-from minipythia.train import batch_at, learning_rate, main
+from minipythia.train import batch_at, copy_gain, learning_rate, main
 
 ARGS = ["--vocab-size", "300", "--layers", "2", "--hidden", "32", "--heads", "2", "--seq-len", "32",
         "--batch-size", "4", "--warmup", "5", "--eval-every", "10", "--save-every", "10", "--val-books", "1"]
@@ -49,6 +49,38 @@ def test_repeat_fraction_pastes_a_span_of_the_row_again_further_on():
     assert torch.equal(batch_at(tokens, 3, 4, 300, seed=0, repeat_fraction=0.0)[0], plain)
 
 
+def test_copy_fraction_replaces_rows_by_a_repeated_random_run():
+    tokens = torch.zeros(10_000, dtype=torch.int32)  # a constant text: anything else comes from the copy task
+    x, y = batch_at(tokens, 3, 6, 200, seed=0, copy_fraction=1.0, vocab_size=500)
+    for row in torch.cat((x, y[:, -1:]), dim=1):
+        period = next(p for p in range(8, 49) if torch.equal(row[p:], row[:-p]))
+        assert len(set(row[:period].tolist())) > 1 and 1 <= row.min() and row.max() < 500
+    plain = batch_at(tokens, 3, 6, 200, seed=0)[0]
+    assert torch.equal(batch_at(tokens, 3, 6, 200, seed=0, copy_fraction=0.0, vocab_size=500)[0], plain)
+
+
+class LookBack(torch.nn.Module):
+    """Logits that put all the mass on the token `lag` positions back (a perfect copier of period `lag`),
+    or uniform logits with lag=None."""
+
+    def __init__(self, vocab_size, lag):
+        super().__init__()
+        self.vocab_size, self.lag = vocab_size, lag
+
+    def forward(self, ids):
+        logits = torch.zeros(*ids.shape, self.vocab_size)
+        if self.lag is not None:
+            # position t predicts token t+1, which in a repeated run equals token t+1-lag
+            source = ids[:, 1 - self.lag :] if self.lag > 1 else ids
+            logits[:, self.lag - 1 :].scatter_(-1, source[:, : ids.size(1) - self.lag + 1, None], 30.0)
+        return logits
+
+
+def test_copy_gain_is_zero_without_copying_and_large_with_it():
+    assert copy_gain(LookBack(300, None), 300) == pytest.approx(0.0, abs=1e-5)
+    assert copy_gain(LookBack(300, 100), 300) > 5.0  # ~log(300) = 5.7 nats
+
+
 def test_init_from_starts_a_second_phase_from_a_checkpoint(books, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     main([str(books), str(first), *ARGS, "--steps", "10"])
@@ -58,6 +90,14 @@ def test_init_from_starts_a_second_phase_from_a_checkpoint(books, tmp_path):
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p, q, atol=1e-3), name  # a negligible learning rate leaves the first phase's weights
     assert (second / "tokenizer.json").read_text() == (first / "tokenizer.json").read_text()
+    log = [json.loads(line) for line in (second / "train_log.jsonl").read_text().splitlines()]
+    assert "copy_gain" in log[-1]
+
+
+def test_max_positions_keeps_a_longer_context_than_the_rows(books, tmp_path):
+    out = tmp_path / "short-rows"
+    main([str(books), str(out), *ARGS, "--steps", "2", "--max-positions", "128", "--copy-fraction", "0.5"])
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
 
 
 def test_train_learns_and_writes_a_checkpoint_transformers_loads(books, tmp_path):
