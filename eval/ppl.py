@@ -93,8 +93,9 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
     """Per-token NLLs (float32, one per scored token, in order) for each compressor, from shared prefills.
 
     Windows without a prompt are computed once for all, and so are the targets of compressors whose caches
-    kept the same entries (a budget at or above the prompt keeps every entry, as none does). With `seconds` (a list of len(compressors)), each
-    compressor's own work (replay, target forward) is added to its entry and the shared work split evenly.
+    kept the same entries (a budget at or above the prompt keeps every entry, as none does). With `seconds`
+    (a list of len(compressors)), each compressor's own work (replay, target forward) is added to its entry
+    and the shared work split evenly.
     `desc` shows a tqdm bar over the windows.
     """
     if ids.dim() != 1:
