@@ -78,8 +78,9 @@ def sweep_cost(model: Pythia, tokens: int, ctx_len: int, stride: int, repeats: i
 def window_cost(model: Pythia, ctx_len: int, stride: int, repeats: int = 1) -> dict:
     """Where a sweep's time goes in one window after the first (a prompt of ctx_len - stride tokens, then
     stride targets): the shared prefill, and each config's replay + target forward + NLLs. With them, the
-    steady-state cost of SWEEP_CONFIGS against the first alone, which a long text approaches (the bench's
-    first window has no prompt and is shared whole, which flatters short texts)."""
+    steady-state cost of SWEEP_CONFIGS, (prefill + every config's own work) / (prefill + the first's own
+    work), which a long text approaches (the bench's first window has no prompt and is shared whole, which
+    flatters short texts)."""
     ids = random_prompt(ctx_len, model.config.vocab_size, seed=2).view(1, -1)
     prompt, targets = ids[:, : ctx_len - stride], ids[:, ctx_len - stride :]
     prefills, own = [], {c.label: [] for c in SWEEP_CONFIGS}
