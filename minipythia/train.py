@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .cli import run_cli
 from .config import PythiaConfig
+from .induction import wire_induction_heads
 from .model import Pythia
 from .weights import save_pretrained
 
@@ -66,15 +67,15 @@ def tokenize_books(books, tokenizer_path: Path, cache_path: Path) -> torch.Tenso
 
 
 def batch_at(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int,
-             repeat_fraction: float = 0.0, copy_fraction: float = 0.0, vocab_size: int = 0):
+             repeat_fraction: float = 0.0, copy_fraction: float = 0.0):
     """Random windows drawn from a generator seeded by (seed, step): resuming replays the same batches.
 
     With repeat_fraction, that share of the rows gets a span of its own text pasted again further on, so
     the later copy is predictable only by looking back: the copy (induction) behaviour that makes a model
     use its context, which a model this small barely learns from ten million tokens of books alone.
-    With copy_fraction, that share of the rows is replaced by a synthetic copy task: a random run of 8-48
-    token ids (drawn from 1 .. vocab_size-1) repeated to fill the row, where only looking back predicts
-    anything past the first run.
+    With copy_fraction, that share of the rows is replaced by a synthetic copy task: a run of 8-48 tokens
+    drawn at random positions of `tokens` (so ids come as often as in the text, and the model's prior about
+    them is no obstacle), repeated to fill the row, where only looking back predicts anything past the first run.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=g)
@@ -87,7 +88,8 @@ def batch_at(tokens: torch.Tensor, step: int, batch_size: int, seq_len: int, see
             row[target:target + span] = row[source:source + span].clone()
     for row in rows:
         if copy_fraction and torch.rand((), generator=g) < copy_fraction:
-            run = torch.randint(1, vocab_size, (int(torch.randint(8, 49, (), generator=g)),), generator=g)
+            picks = torch.randint(0, tokens.numel(), (int(torch.randint(8, 49, (), generator=g)),), generator=g)
+            run = tokens[picks].long()
             row.copy_(run.repeat(seq_len // run.numel() + 2)[: seq_len + 1])
     return rows[:, :-1], rows[:, 1:]
 
@@ -116,12 +118,14 @@ def validation_loss(model, tokens, batches: int, batch_size: int, seq_len: int, 
 
 
 @torch.no_grad()
-def copy_gain(model, vocab_size: int, length: int = 100, rows: int = 8) -> float:
-    """Nats per token by which a second copy of random token runs is predicted better than the first: about
-    0 for a model that does not copy from its context, up to ~log(vocab) for one that copies perfectly."""
+def copy_gain(model, tokens: torch.Tensor, length: int = 100, rows: int = 8) -> float:
+    """Nats per token by which a second copy of a run of tokens (drawn at random positions of `tokens`) is
+    predicted better than the first: about 0 for a model that does not copy from its context, up to the
+    first copy's loss for one that copies perfectly."""
     was_training = model.training
     model.eval()
-    run = torch.randint(1, vocab_size, (rows, length), generator=torch.Generator().manual_seed(5))
+    picks = torch.randint(0, tokens.numel(), (rows, length), generator=torch.Generator().manual_seed(5))
+    run = tokens[picks].long()
     ids = torch.cat((run, run), dim=1)
     nll = F.cross_entropy(model(ids[:, :-1]).float().transpose(1, 2), ids[:, 1:], reduction="none")
     model.train(was_training)
@@ -187,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-positions", type=int, default=None,
                    help="max_position_embeddings of the model (default: --seq-len), e.g. to keep a checkpoint's "
                         "1024 while a phase trains on shorter rows")
+    p.add_argument("--wire-induction", action="store_true",
+                   help="before the first step, write a previous-token head (layer 0, last head) and an induction "
+                        "head (layer 1, head 0) into the model, fitted on the training text (minipythia/induction.py)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from this checkpoint's weights and tokenizer (a second phase) instead of random")
     args = p.parse_args(argv)
@@ -233,6 +240,9 @@ def main(argv=None) -> int:
             p_.requires_grad_(True)
     else:
         model = Pythia(config).init_weights(seed=args.seed)
+    if args.wire_induction:  # on resume the saved state below replaces these weights anyway
+        rows, _ = batch_at(train_tokens, 0, 48, min(256, args.seq_len), seed=args.seed + 1)
+        wire_induction_heads(model, rows, previous=(0, args.heads - 1), induction=(1, 0))
     optimizer = optimizer_for(model, args.lr, args.weight_decay)
     step, log = 0, []
     state_path = state_dir / "state.pt"
@@ -260,7 +270,7 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss = loss_on(model, *batch_at(train_tokens, step, args.batch_size, args.seq_len, args.seed,
-                                        args.repeat_fraction, args.copy_fraction, args.vocab_size), autocast)
+                                        args.repeat_fraction, args.copy_fraction), autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -271,7 +281,7 @@ def main(argv=None) -> int:
         if step % args.eval_every == 0 or step == args.steps:
             record["val_loss"] = round(validation_loss(model, val_tokens, 8, args.batch_size, args.seq_len,
                                                        autocast), 4)
-            record["copy_gain"] = round(copy_gain(model, args.vocab_size), 4)
+            record["copy_gain"] = round(copy_gain(model, val_tokens), 4)
         log.append(record)
         elapsed = time.perf_counter() - started
         record["seconds"] = round(prior_seconds + elapsed, 1)

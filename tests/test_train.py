@@ -49,14 +49,14 @@ def test_repeat_fraction_pastes_a_span_of_the_row_again_further_on():
     assert torch.equal(batch_at(tokens, 3, 4, 300, seed=0, repeat_fraction=0.0)[0], plain)
 
 
-def test_copy_fraction_replaces_rows_by_a_repeated_random_run():
-    tokens = torch.zeros(10_000, dtype=torch.int32)  # a constant text: anything else comes from the copy task
-    x, y = batch_at(tokens, 3, 6, 200, seed=0, copy_fraction=1.0, vocab_size=500)
+def test_copy_fraction_replaces_rows_by_a_repeated_run_of_the_texts_tokens():
+    tokens = torch.arange(10_000, dtype=torch.int32) % 500 + 1000  # a text whose plain windows never repeat within 48
+    x, y = batch_at(tokens, 3, 6, 200, seed=0, copy_fraction=1.0)
     for row in torch.cat((x, y[:, -1:]), dim=1):
         period = next(p for p in range(8, 49) if torch.equal(row[p:], row[:-p]))
-        assert len(set(row[:period].tolist())) > 1 and 1 <= row.min() and row.max() < 500
+        assert len(set(row[:period].tolist())) > 1 and 1000 <= row.min() and row.max() < 1500
     plain = batch_at(tokens, 3, 6, 200, seed=0)[0]
-    assert torch.equal(batch_at(tokens, 3, 6, 200, seed=0, copy_fraction=0.0, vocab_size=500)[0], plain)
+    assert torch.equal(batch_at(tokens, 3, 6, 200, seed=0, copy_fraction=0.0)[0], plain)
 
 
 class LookBack(torch.nn.Module):
@@ -77,8 +77,9 @@ class LookBack(torch.nn.Module):
 
 
 def test_copy_gain_is_zero_without_copying_and_large_with_it():
-    assert copy_gain(LookBack(300, None), 300) == pytest.approx(0.0, abs=1e-5)
-    assert copy_gain(LookBack(300, 100), 300) > 5.0  # ~log(300) = 5.7 nats
+    text = torch.arange(1, 300)
+    assert copy_gain(LookBack(300, None), text) == pytest.approx(0.0, abs=1e-5)
+    assert copy_gain(LookBack(300, 100), text) > 5.0  # ~log(300) = 5.7 nats
 
 
 def test_init_from_starts_a_second_phase_from_a_checkpoint(books, tmp_path):
@@ -98,6 +99,25 @@ def test_max_positions_keeps_a_longer_context_than_the_rows(books, tmp_path):
     out = tmp_path / "short-rows"
     main([str(books), str(out), *ARGS, "--steps", "2", "--max-positions", "128", "--copy-fraction", "0.5"])
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
+
+
+def test_wire_induction_writes_a_previous_token_head_before_training(books, tmp_path):
+    from test_induction import attention
+
+    out = tmp_path / "wired"
+    main([str(books), str(out), *ARGS, "--hidden", "64", "--steps", "1", "--lr", "1e-9", "--min-lr", "1e-9",
+          "--wire-induction"])
+    ids = torch.randint(1, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    probs = attention(Pythia.from_pretrained(out), ids, layer=0, head=1)  # layer 0, last head
+    assert torch.diagonal(probs, offset=-1, dim1=1, dim2=2).mean() > 0.9
+
+
+def test_wire_induction_needs_two_layers(books, tmp_path, capsys):
+    from minipythia.cli import run_cli
+
+    argv = [str(books), str(tmp_path / "out"), *ARGS, "--hidden", "64", "--layers", "1", "--wire-induction"]
+    assert run_cli(main, argv) == 2
+    assert "induction layer" in capsys.readouterr().err
 
 
 def test_train_learns_and_writes_a_checkpoint_transformers_loads(books, tmp_path):
