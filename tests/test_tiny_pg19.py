@@ -9,6 +9,7 @@ import torch
 from eval.ppl import sliding_window_nll
 from minipythia import KVCache, Pythia, SnapKV, Tokenizer
 from minipythia.compressors import COMPRESSORS
+from minipythia.train import copy_gain
 from minipythia.weights import EMBEDDED_MODEL
 
 from conftest import pg19_dir
@@ -44,7 +45,13 @@ def test_the_model_uses_its_context(model, text_ids):
     """More context must lower the NLL of the same tokens, or compression could cost nothing."""
     full = sliding_window_nll(model, text_ids, CTX, STRIDE)
     short = sliding_window_nll(model, text_ids, 128, 32)
-    assert full.mean() < short.mean()  # by ~1% only: see the model card
+    # 0.030 nats here for the shipped weights; 0.010 for the phase-2 weights, before the copy circuit
+    assert full.mean() < short.mean() - 0.02
+
+
+def test_the_model_copies_a_repeated_run(model, text_ids):
+    """The copy (induction) circuit written in phase 3 survived training: 1.1 nats here, phase 2 gave -0.1."""
+    assert copy_gain(model, text_ids) > 0.5
 
 
 def test_snapkv_keeps_ppl_closer_to_full_than_random_eviction(model, text_ids):
