@@ -73,3 +73,12 @@ def test_a_position_bug_after_compression_raises_ppl_sharply(model, text_ids, mo
     monkeypatch.setattr(KVCache, "advance", advance_from_kept_count)
     wrong = ppl(model, text_ids, policy)
     assert wrong > 1.5 * right
+
+
+def test_transformers_reads_the_shipped_weights_the_same_way(model):
+    from transformers import GPTNeoXForCausalLM
+
+    theirs = GPTNeoXForCausalLM.from_pretrained(EMBEDDED_MODEL, torch_dtype=torch.float32).eval()
+    ids = torch.randint(1, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - theirs(ids).logits).abs().max() < 1e-4
