@@ -50,6 +50,15 @@ def test_previous_token_head_attends_to_the_token_before(wired):
     assert offset_one.mean() > 0.95
 
 
+def test_previous_token_head_stays_on_the_token_before_far_into_a_long_row(wired):
+    """Far offsets can alias with offset 1 in the rotary phases (818 did, when only the three fastest
+    frequencies were used); every frequency together rules that out."""
+    _, model, _, _ = wired
+    ids = torch.randint(1, 512, (1, 1024), generator=torch.Generator().manual_seed(1))
+    offset_one = torch.diagonal(attention(model, ids, layer=0, head=3), offset=-1, dim1=1, dim2=2)
+    assert offset_one[:, 800:].min() > 0.95
+
+
 def test_induction_head_attends_after_the_earlier_occurrence(wired):
     plain, model, _, repeated = wired
     for m, low, high in ((plain, 0.0, 0.05), (model, 0.5, 1.0)):
