@@ -45,12 +45,12 @@ def test_the_model_uses_its_context(model, text_ids):
     """More context must lower the NLL of the same tokens, or compression could cost nothing."""
     full = sliding_window_nll(model, text_ids, CTX, STRIDE)
     short = sliding_window_nll(model, text_ids, 128, 32)
-    # 0.030 nats here for the shipped weights; 0.010 for the phase-2 weights, before the copy circuit
+    # 0.038 nats here for the shipped weights; 0.010 for the phase-2 weights, before the copy circuit
     assert full.mean() < short.mean() - 0.02
 
 
 def test_the_model_copies_a_repeated_run(model, text_ids):
-    """The copy (induction) circuit written in phase 3 survived training: 1.1 nats here, phase 2 gave -0.1."""
+    """The copy (induction) circuit written in phase 3 survived training: 1.2 nats here, phase 2 gave -0.1."""
     assert copy_gain(model, text_ids) > 0.5
 
 
