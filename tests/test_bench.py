@@ -3,8 +3,10 @@
 import json
 
 import pytest
+import torch
 
 from eval.__main__ import main
+from minipythia import Pythia
 
 
 def test_bench_compares_with_transformers_and_times_the_sweep(tiny_checkpoint, tmp_path, capsys):
@@ -34,3 +36,35 @@ def test_bench_compares_with_transformers_and_times_the_sweep(tiny_checkpoint, t
 def test_bench_rejects_an_unknown_dtype(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="--dtypes"):
         main(["bench", "--model", str(tiny_checkpoint), "--dtypes", "float16", "--out", str(tmp_path)])
+
+
+def load_alternatives():
+    """bench/alternatives.py, the variants measured for issue 3 and not shipped (a script, not a module)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "alternatives.py"
+    spec = importlib.util.spec_from_file_location("alternatives", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@torch.inference_mode()
+def test_the_measured_alternatives_compute_the_shipped_logits(tiny_checkpoint):
+    """A speed comparison means something only if each variant computes the same function."""
+    alternatives = load_alternatives()
+    shipped = Pythia.from_pretrained(tiny_checkpoint)
+    ids = torch.randint(0, shipped.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    reference = shipped(ids)
+    column_major = alternatives.column_major_layers(Pythia.from_pretrained(tiny_checkpoint))
+    assert not column_major.layers[0].mlp.dense_h_to_4h.weight.is_contiguous()
+    assert (column_major(ids) - reference).abs().max() <= 1e-5
+    try:
+        packed = alternatives.onednn_layers(Pythia.from_pretrained(tiny_checkpoint))
+    except RuntimeError as e:  # a PyTorch build without oneDNN
+        pytest.skip(f"oneDNN linear unavailable: {e}")
+    assert isinstance(packed.layers[0].attention.query_key_value, alternatives.OneDNNLinear)
+    cache = packed.new_cache(2)
+    steps = [packed(ids[:, :12], cache=cache)] + [packed(ids[:, i : i + 1], cache=cache) for i in range(12, 20)]
+    assert (torch.cat(steps, dim=1) - reference).abs().max() <= 1e-5
