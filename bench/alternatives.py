@@ -23,7 +23,6 @@ import time
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from eval.data import random_prompt
 from eval.speed import load_hf, measure, measure_hf
@@ -91,8 +90,8 @@ def main():
     ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         reference = variants["shipped"](ids)
-        for name, model in variants.items():
-            print(f"{name}: max |logit - shipped| {F.l1_loss(model(ids), reference, reduction='none').max():.2e}")
+        for name, model in list(variants.items())[1:]:
+            print(f"{name}: max |logit - shipped| {(model(ids) - reference).abs().max():.2e}")
 
     for length in lengths:
         prompt = random_prompt(length, vocab, seed=0)
