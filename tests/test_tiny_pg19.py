@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from eval.ppl import sliding_window_nll
+from eval.speed import load_hf
 from minipythia import KVCache, Pythia, SnapKV, Tokenizer
 from minipythia.compressors import COMPRESSORS
 from minipythia.train import copy_gain
@@ -76,9 +77,7 @@ def test_a_position_bug_after_compression_raises_ppl_sharply(model, text_ids, mo
 
 
 def test_transformers_reads_the_shipped_weights_the_same_way(model):
-    from transformers import GPTNeoXForCausalLM
-
-    theirs = GPTNeoXForCausalLM.from_pretrained(EMBEDDED_MODEL, torch_dtype=torch.float32).eval()
+    theirs = load_hf(EMBEDDED_MODEL, torch.float32)
     ids = torch.randint(1, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (model(ids) - theirs(ids).logits).abs().max() < 1e-4
