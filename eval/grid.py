@@ -6,20 +6,24 @@ a grid of policies, and its expansion into compressors.
     ctx_len: 1024                   # optional; default: the model's trained length, at most 2048
     stride: 256                     # optional; default: ctx_len / 4
     max_tokens: 8192                # each book's first N tokens (default 8192); null scores whole books
-    speed: {prompt_lengths: [512, 1024, 2048], new_tokens: 32, repeats: 3}   # optional
+    mode: window                    # window (default) | stream: token by token, compressing during decoding
+    decode_interval: 64             # stream mode: entries a layer may hold above its budget before compressing
+    ppl: true                       # false: the speed part only
+    speed: {prompt_lengths: [512, 1024, 2048], new_tokens: 32, repeats: 3, hf: false}   # optional
+    policy_modules: [my_policy.py]  # optional: files (relative to this YAML) or modules that register policies
     policies:
       - {compressor: none}
       - {compressor: snapkv, window_size: [16, 32], max_capacity_prompt: [256, 512], pooling: avgpool}
       - {compressor: knorm, compression_ratio: [0.5, 0.75]}
 
-A policy entry names a registered compressor (minipythia.compressors.COMPRESSORS) and any of its dataclass
-fields; the settings are passed to the class as keyword arguments, so a new policy needs no change here.
+A policy entry names a registered compressor (minipythia.compressors.COMPRESSORS) and any of its settings
+(dataclass fields); they are built by minipythia's one builder, so a new policy needs no change here.
 A list value is a grid axis: the entry expands to the cartesian product of its axes. A setting whose own
 value is a sequence (KnormPress's skip_layers) takes a flat list as one value and a list of lists as an axis.
-A setting named num_layers (PyramidKV's) that an entry leaves out is the model's depth.
-Combinations the policy rejects (its ValueError, e.g. window >= capacity) are skipped with the reason;
-anything else wrong (YAML syntax, unknown keys or policies, wrong types) is a ConfigError: the CLI prints it
-on one line and exits with code 2.
+Settings derived from the model (PyramidKV's num_layers) are filled by the policy's for_model().
+Combinations the policy rejects (its ValueError, e.g. window >= capacity, or data it lacks, as the oracle's
+future queries) are skipped with the reason; anything else wrong (YAML syntax, unknown keys or policies,
+wrong types) is a ConfigError: the CLI prints it on one line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -32,17 +36,16 @@ from pathlib import Path
 
 import yaml
 
-from minipythia.cli import DTYPES
-from minipythia.compressors import COMPRESSORS, Compressor
-from minipythia.generation import WARMUP_STEPS
+from minipythia.compressors import COMPRESSORS, Compressor, build_compressor, import_policies
+from minipythia.compressors.base import settings_of
+from minipythia.generate import WARMUP_STEPS
+from minipythia.weights import DTYPES
 
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_BATCH_SIZE = 16
 TOP_KEYS = ("model", "revision", "dtype", "data", "books", "tokenizer", "ctx_len", "stride", "max_tokens",
-            "batch_size", "speed", "policies")
-SPEED_KEYS = ("prompt_lengths", "new_tokens", "repeats")
-# Settings a sweep fills from the model when an entry leaves them out.
-MODEL_SETTINGS = ("num_layers",)
+            "mode", "decode_interval", "ppl", "batch_size", "speed", "policy_modules", "policies")
+SPEED_KEYS = ("prompt_lengths", "new_tokens", "repeats", "hf")
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,7 @@ class SpeedSpec:
     prompt_lengths: list[int]
     new_tokens: int = 32
     repeats: int = 3
+    hf: bool = False  # also time transformers' generate on the same checkpoint (no compression)
 
 
 @dataclass
@@ -78,8 +82,12 @@ class SweepSpec:
     ctx_len: int | None = None
     stride: int | None = None
     max_tokens: int | None = DEFAULT_MAX_TOKENS
+    mode: str = "window"  # or "stream" (eval.stream)
+    decode_interval: int | None = None  # stream mode only
+    ppl: bool = True
     batch_size: int = DEFAULT_BATCH_SIZE
     speed: SpeedSpec | None = None
+    policy_modules: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -127,16 +135,56 @@ def parse_spec(text: str, path: Path) -> SweepSpec:
     dtype = get("dtype", str, "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    modules = raw.get("policy_modules", [])
+    modules = [modules] if isinstance(modules, str) else modules
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"{where}: policy_modules must be a list of .py files or module names, got {modules!r}")
+    # A file is relative to the YAML's folder, so that a config and its policy travel together.
+    modules = [str(path.parent / m) if m.endswith(".py") and not Path(m).is_absolute() else m for m in modules]
+    try:
+        import_policies(modules)  # before the policies are read: they may name the modules' compressors
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    mode = get("mode", str, "window")
+    if mode not in ("window", "stream"):
+        raise ConfigError(f"{where}: mode must be 'window' or 'stream', got {mode!r}")
     spec = SweepSpec(path=path, text=text, policies=_policies(raw.get("policies"), where),
                      model=get("model", str), revision=get("revision", str), dtype=dtype, data=data,
                      books=get("books", int, minimum=1), tokenizer=get("tokenizer", str),
                      ctx_len=get("ctx_len", int, minimum=2), stride=get("stride", int, minimum=1),
                      max_tokens=get("max_tokens", int, DEFAULT_MAX_TOKENS, minimum=2, allow_none=True),
-                     batch_size=get("batch_size", int, DEFAULT_BATCH_SIZE, minimum=1),
+                     mode=mode, decode_interval=get("decode_interval", int, minimum=0), ppl=get("ppl", bool, True),
+                     policy_modules=modules, batch_size=get("batch_size", int, DEFAULT_BATCH_SIZE, minimum=1),
                      speed=_speed(raw.get("speed"), where))
+    check_spec(spec)
+    return spec
+
+
+def check_spec(spec: SweepSpec):
+    """What a spec's fields must satisfy together (each field alone is checked where it is read)."""
+    where = str(spec.path)
     if spec.ctx_len is not None and spec.stride is not None and spec.stride > spec.ctx_len:
         raise ConfigError(f"{where}: stride ({spec.stride}) must be <= ctx_len ({spec.ctx_len})")
-    return spec
+    if spec.mode == "window" and spec.decode_interval is not None:
+        raise ConfigError(f"{where}: decode_interval applies to mode: stream (a window's targets are scored in one "
+                          f"forward, nothing is decoded)")
+    if spec.mode == "stream" and (spec.stride is not None or spec.decode_interval is None):
+        raise ConfigError(f"{where}: mode: stream takes decode_interval (e.g. 64) and no stride")
+    if not spec.ppl and not spec.speed:
+        raise ConfigError(f"{where}: ppl: false leaves nothing to do without a speed part")
+
+
+def spec_yaml(spec: SweepSpec) -> str:
+    """The YAML of a spec built in code (python -m eval ppl / speed), kept with the results like a sweep's file:
+    `python -m eval sweep` on it runs the same thing. Keys at their defaults are left out."""
+    defaults = SweepSpec(path=spec.path, text="", policies=[])
+    raw = {key: getattr(spec, key) for key in TOP_KEYS if key not in ("speed", "policies")
+           and getattr(spec, key) != getattr(defaults, key)}
+    if spec.speed:
+        raw["speed"] = dataclasses.asdict(spec.speed)
+    raw["policies"] = [dict(compressor=p.compressor, **{k: v[0] if len(v) == 1 else v for k, v in p.axes.items()})
+                       for p in spec.policies]
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _is(value, kind) -> bool:
@@ -159,6 +207,10 @@ def _speed(raw, where: str) -> SpeedSpec | None:
     if not isinstance(lengths, list) or not lengths or not all(_is(n, int) and n >= 1 for n in lengths):
         raise ConfigError(f"{where}: speed.prompt_lengths must be a list of positive integers, got {lengths!r}")
     spec = SpeedSpec(sorted(set(lengths)))
+    hf = raw.get("hf", False)
+    if not isinstance(hf, bool):
+        raise ConfigError(f"{where}: speed.hf must be true or false, got {hf!r}")
+    spec.hf = hf
     for key, minimum in (("new_tokens", WARMUP_STEPS + 2), ("repeats", 1)):
         value = raw.get(key, getattr(spec, key))
         if not _is(value, int) or value < minimum:
@@ -179,62 +231,37 @@ def _policies(raw, where: str) -> list[Policy]:
         name = entry["compressor"]
         cls = COMPRESSORS.get(name)
         if cls is None:
-            raise ConfigError(f"{at}: unknown compressor {name!r}; registered: {', '.join(COMPRESSORS)}")
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+            raise ConfigError(f"{at}: unknown compressor {name!r}; registered: {', '.join(COMPRESSORS)} (a policy of "
+                              f"your own: list its module in policy_modules)")
+        settings = {s.name: s for s in settings_of(cls)}
         axes = {}
         for key, value in entry.items():
             if key == "compressor":
                 continue
-            if key not in fields:
-                allowed = ", ".join(fields) or "none"
+            if key not in settings:
+                allowed = ", ".join(settings) or "none"
                 raise ConfigError(f"{at}: {name} has no setting {key!r}; its settings: {allowed}")
-            values = _axis(value, fields[key])
+            setting = settings[key]
+            # For a sequence-valued setting a flat list is one value, a list of lists an axis.
+            if setting.is_sequence:
+                values = value if isinstance(value, list) and value and all(isinstance(v, list) for v in value) \
+                    else [value]
+            else:
+                values = value if isinstance(value, list) else [value]
             if not values:
                 raise ConfigError(f"{at}: {key} is an empty list; give at least one value")
-            axes[key] = [_checked(v, fields[key], f"{at}: {name}.{key}") for v in values]
+            for v in values:
+                if isinstance(v, dict):
+                    raise ConfigError(f"{at}: {name}.{key} must be a value or a list of values, got a mapping {v!r}")
+                try:
+                    setting.check(v, name)
+                except TypeError as e:
+                    raise ConfigError(f"{at}: {e}") from None
+                except ValueError:
+                    pass  # a value of the right type the policy rejects: that combination is skipped
+            axes[key] = values
         policies.append(Policy(name, axes, i))
     return policies
-
-
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def _axis(value, f: dataclasses.Field) -> list:
-    """The values one setting takes. For a sequence-valued setting, a flat list is one value."""
-    if isinstance(_default(f), (list, tuple)):
-        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-            return value
-        return [value]
-    return value if isinstance(value, list) else [value]
-
-
-def _checked(value, f: dataclasses.Field, at: str):
-    """The value in the type of the setting's default (an int for an int, a tuple for a tuple...)."""
-    default = _default(f)
-    if isinstance(value, dict):
-        raise ConfigError(f"{at} must be a value or a list of values, got a mapping {value!r}")
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = _is(value, int)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok = isinstance(value, str)
-    elif isinstance(default, (list, tuple)):
-        ok = isinstance(value, list)
-        value = tuple(value) if ok else value
-    else:  # no default to go by (None or required): the policy's own checks decide
-        ok = True
-    if not ok:
-        raise ConfigError(f"{at} must be of type {type(default).__name__} like its default {default!r}, got {value!r}")
-    return value
 
 
 def folder_name(label: str) -> str:
@@ -242,29 +269,28 @@ def folder_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
 
 
-def expand(policies: list[Policy], model_settings: dict | None = None) -> Grid:
-    """Every combination of every entry, built by its compressor class. model_settings (e.g. num_layers)
-    fill the settings of MODEL_SETTINGS that an entry leaves out, when the class has them."""
-    model_settings = model_settings or {}
+def expand(policies: list[Policy], model_config) -> Grid:
+    """Every combination of every entry, built by minipythia's builder and fitted to the model
+    (Compressor.for_model); combinations the policy rejects, or that lack data (missing_input), are skipped."""
     configs, skipped, seen = [], [], {}
     for policy in policies:
-        cls = COMPRESSORS[policy.compressor]
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        filled = {k: v for k, v in model_settings.items() if k in MODEL_SETTINGS and k in names and k not in policy.axes}
         keys = list(policy.axes)
         for values in itertools.product(*(policy.axes[k] for k in keys)):
-            settings = dict(zip(keys, values), **filled)
-            shown = {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+            settings = dict(zip(keys, values))
             try:
-                compressor = cls(**settings)
+                compressor = build_compressor(policy.compressor, settings)
+                compressor.for_model(model_config)
+                missing = compressor.missing_input()
+                if missing:
+                    raise ValueError(missing)
             except ValueError as e:
-                skipped.append(dict(compressor=policy.compressor, settings=shown, reason=str(e)))
+                skipped.append(dict(compressor=policy.compressor, settings=settings, reason=str(e)))
                 continue
-            except TypeError as e:  # a required setting left out, or a value the class cannot compare
-                raise ConfigError(f"policies[{policy.index}] ({policy.compressor}, {shown}): {e}") from None
+            except TypeError as e:  # a required setting left out
+                raise ConfigError(f"policies[{policy.index}] ({policy.compressor}, {settings}): {e}") from None
             folder = folder_name(compressor.label)
             if folder in seen:
-                skipped.append(dict(compressor=policy.compressor, settings=shown,
+                skipped.append(dict(compressor=policy.compressor, settings=settings,
                                     reason=f"the same configuration as an earlier entry ({seen[folder]})"))
                 continue
             seen[folder] = compressor.label
@@ -278,6 +304,5 @@ def distance_from_defaults(compressor: str, settings: dict) -> int:
     cls = COMPRESSORS.get(compressor)
     if cls is None:
         return 0
-    defaults = {f.name: _default(f) for f in dataclasses.fields(cls) if f.init}
-    normal = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
-    return sum(1 for k, v in settings.items() if k in normal and normal[k] != v)
+    defaults = {s.name: list(s.default) if isinstance(s.default, tuple) else s.default for s in settings_of(cls)}
+    return sum(1 for k, v in settings.items() if k in defaults and defaults[k] != v)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from minipythia import Compressor, KVCache, NoCompression
+from minipythia import Compressor, Prefill
+from minipythia.timing import clock
 
 from .results import append_jsonl, read_jsonl
 from .stream import stream_nlls
@@ -58,29 +57,6 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[0].float(), targets[0], reduction="none")
 
 
-class PrefillRecorder(KVCache):
-    """One prefill shared by several compressors. The prefill's attention sees the full KV whatever the
-    compressor, so its K, V and queries do not depend on it: this cache keeps every entry and records each
-    layer's queries, and `replay(c)` builds the cache a prefill with compressor c would have left."""
-
-    def __init__(self, model):
-        p = model.embed_in.weight
-        super().__init__(model.config, 1, dtype=p.dtype, device=p.device, compressor=NoCompression())
-        self.queries: list[torch.Tensor | None] = [None] * self.num_layers
-
-    def compress(self, layer: int, queries: torch.Tensor):
-        self.queries[layer] = queries
-
-    def replay(self, model, compressor: Compressor | None) -> KVCache:
-        cache = model.new_cache(self.batch_size, compressor)
-        for layer in range(self.num_layers):  # what the model's prefill does, layer by layer
-            cache.append(layer, self.keys(layer), self.values(layer))
-            if cache.in_prefill:
-                cache.compress(layer, self.queries[layer])
-        cache.advance(self.seen)
-        return cache
-
-
 def same_positions(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """Whether two caches of one prefill kept the same entries in every layer, head and batch row."""
     return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
@@ -108,7 +84,7 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
     own = [0.0] * len(compressors)
     shared = 0.0
     for begin, end, prompt_len in tqdm(spans, desc=desc, disable=desc is None, unit="win", file=sys.stderr):
-        t = time.perf_counter()
+        t = clock(device)
         window = ids[:, begin:end]
         if prompt_len == 0:
             if end - begin < 2:  # a last window of one token: nothing to predict it from
@@ -116,21 +92,16 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
             nll = token_nll(model(window[:, :-1]), window[:, 1:])
             for per_config in nlls:
                 per_config.append(nll)
-            shared += time.perf_counter() - t
+            shared += clock(device) - t
             continue
         prompt, targets = window[:, :prompt_len], window[:, prompt_len:]
-        if len(compressors) == 1:
-            cache = model.new_cache(1, compressors[0])
-            first = token_nll(model(prompt, cache=cache, last_only=True), targets[:, :1])
-            caches = iter([cache])
-        else:
-            recorder = PrefillRecorder(model)
-            first = token_nll(model(prompt, cache=recorder, last_only=True), targets[:, :1])
-            caches = (recorder.replay(model, c) for c in compressors)  # one replayed cache alive at a time
-        shared += time.perf_counter() - t
+        prefill = Prefill.record(model, prompt)
+        first = token_nll(prefill.logits, targets[:, :1])  # the prefill's last logits saw the full KV
+        caches = (prefill.replay(model, c) for c in compressors)  # one replayed cache alive at a time
+        shared += clock(device) - t
         scored: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (kept positions per layer, NLLs)
         for i, per_config in enumerate(nlls):
-            t = time.perf_counter()
+            t = clock(device)
             cache = next(caches)
             kept = [cache.positions(layer) for layer in range(cache.num_layers)]
             # Kept entries are copies of the one prefill's, so caches that kept the same positions are the
@@ -143,7 +114,7 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
                     nll = torch.cat((first, token_nll(model(targets[:, :-1], cache=cache), targets[:, 1:])))
                 scored.append((kept, nll))
             per_config.append(nll)
-            own[i] += time.perf_counter() - t
+            own[i] += clock(device) - t
     if seconds is not None:
         for i in range(len(compressors)):
             seconds[i] += own[i] + shared / len(compressors)
@@ -168,22 +139,19 @@ def kept_per_head(compressor: Compressor, num_layers: int, prompt_len: int) -> f
     return sum(min(compressor.keep_count(layer, prompt_len), prompt_len) for layer in range(num_layers)) / num_layers
 
 
-def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], out: Path,
-            meta: dict, ctx_len: int, stride: int | None, max_tokens: int | None, path_of=None,
-            mode: str = "window", decode_interval: int | None = None) -> list[dict]:
-    """PPL of every (book, config) not yet in out/ppl.jsonl, appended as each book finishes.
+def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], meta: dict, ctx_len: int,
+            stride: int | None, max_tokens: int | None, path_of, mode: str = "window",
+            decode_interval: int | None = None) -> list[dict]:
+    """PPL of every (book, config) not yet in its config's jsonl file, appended as each book finishes.
 
     books: (name, source, ids); meta: model, revision, dtype (in every record and key).
-    path_of(config) -> the jsonl file of that config (a sweep gives each config its own folder);
-    default: all configs in out/ppl.jsonl. Returns the records of all requested pairs, resumed ones included.
+    path_of(config) -> the jsonl file of that config (the sweep's folder of that config).
+    Returns the records of all requested pairs, resumed ones included.
     mode: "window" (sliding windows of ctx_len tokens advancing by stride) or "stream" (eval/stream.py: token
     by token, restarting every ctx_len tokens, compressing during decoding every decode_interval; no stride).
     """
     if mode not in ("window", "stream"):
         raise ValueError(f"mode must be 'window' or 'stream', got {mode!r}")
-    if path_of is None:
-        def path_of(c):
-            return Path(out) / "ppl.jsonl"
     done = {record_key(r): r for path in dict.fromkeys(path_of(c) for c in configs) for r in read_jsonl(path)}
     base = dict(meta, mode=mode, ctx_len=ctx_len, stride=stride if mode == "window" else None, max_tokens=max_tokens)
     if mode == "stream":

@@ -1,7 +1,6 @@
-"""report.md, with tables and PNG plots, from the results of `suite` (DIR/ppl.jsonl, speed.jsonl, suite.json)
-or of `sweep` (DIR/sweep.json and a folder per configuration): both are read into the same records, and
-every section (PPL tables, PPL vs KV budget, speed and memory, compression overhead, the seed study's
-claims) is written from those, so the two reports differ only in their header.
+"""report.md, with tables and PNG plots, from a results folder (DIR/sweep.json and a folder per
+configuration, as `sweep`, `ppl` and `speed` write it; the flat files of older runs are moved into that
+layout first): PPL tables, PPL vs KV budget, speed and memory, compression overhead, the seed study's claims.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from pathlib import Path
 from . import plots
 from .claims import claims_section
 from .data import book_origin
-from .grid import distance_from_defaults
-from .results import read_jsonl
+from .grid import distance_from_defaults, folder_name
+from .results import append_jsonl, read_jsonl
+from .speed import REFERENCE_KEYS
 
 PPL_GROUP = ("model", "revision", "dtype", "mode", "decode_interval", "ctx_len", "stride", "max_tokens")
 
@@ -92,13 +92,6 @@ def ppl_tables(records: list[dict], per_book: bool = True) -> str:
     return "\n".join(out)
 
 
-def latest_run(records: list[dict]) -> list[dict]:
-    if not records:
-        return []
-    run = records[-1].get("run")
-    return [r for r in records if r.get("run") == run]
-
-
 def speed_table(records: list[dict]) -> str:
     """Speed rows; ratios are against minipythia without compression at the same prompt length, measured in
     the same run: a row's `reference` when it has one (sweeps), else the run's own `none` row."""
@@ -158,48 +151,53 @@ class Results:
     sections: list[str] = field(default_factory=list)  # extra markdown after the header (sweeps: skipped configs)
 
 
-def _with_references(rows: list[dict]) -> list[dict]:
-    """A single run's rows: each compressed minipythia row gets the run's none row at its prompt length."""
-    base = {r["prompt_len"]: r for r in rows if r["engine"] == "minipythia" and r["label"] == "none"}
-    return [dict(r, reference=base[r["prompt_len"]]) if r["engine"] == "minipythia" and r["label"] != "none"
-            and r["prompt_len"] in base and "reference" not in r else r for r in rows]
-
-
-def _configs_of(records: list[dict]) -> list[dict]:
-    seen = {}
-    for r in records:
-        seen.setdefault(r["label"], dict(label=r["label"], compressor=r["compressor"], settings=r["settings"]))
-    return list(seen.values())
-
-
-def load_suite(out: Path) -> Results:
+def migrate_flat_layout(out: Path) -> bool:
+    """Results of the older `ppl`, `speed` and `suite` commands, every record in OUT/ppl.jsonl and
+    OUT/speed.jsonl, moved into the folder layout everything reads now (OUT/sweep.json, OUT/<label>/...).
+    The old files are renamed *.flat, so nothing is lost. Returns whether there was anything to move."""
     ppl, speed = read_jsonl(out / "ppl.jsonl"), read_jsonl(out / "speed.jsonl")
+    if (out / "sweep.json").is_file() or not (ppl or speed):
+        return False
     suite = json.loads((out / "suite.json").read_text()) if (out / "suite.json").is_file() else {}
-    if not (ppl or speed or suite):
-        raise ValueError(f"{out} holds no ppl.jsonl, speed.jsonl, suite.json or sweep.json to report on")
-    header = []
-    if suite:
-        header += [f"- model: `{suite['model']}` ({suite['dtype']}, {suite['parameters'] / 1e6:.1f}M parameters)",
-                   f"- data: {suite['data']}",
-                   f"- machine: {suite['machine']}",
-                   *[f"- run {i + 1}: {r['started']}, wall time {r['wall_seconds']:.0f} s "
-                     f"(PPL {r['ppl_seconds']:.0f} s, speed {r['speed_seconds']:.0f} s): `{r.get('command', '')}`"
-                     for i, r in enumerate(suite["runs"])],
-                   "- reruns resume: they skip the PPL entries and the speed run already in the jsonl files", ""]
-    run = _with_references(latest_run(speed))
-    heading = ""
-    if run:
-        earlier = len({r.get("run") for r in speed}) - 1
-        heading = f"**{speed_title(run[0])}**" + (f" (latest of {earlier + 1} runs in speed.jsonl)" if earlier else "")
-    model = suite.get("model") or (ppl or run or [{}])[0].get("model", "?")
-    return Results("KV-cache compression eval", header, model, ppl, run, heading,
-                   _configs_of(ppl + [r for r in run if r["engine"] == "minipythia"]),
-                   ppl_missing=suite.get("ppl_skipped") or "No PPL results.")
+    configs = {}
+    for r in ppl + speed:
+        if r.get("engine", "minipythia") == "minipythia":
+            configs.setdefault(r["label"], dict(label=r["label"], folder=folder_name(r["label"]),
+                                                compressor=r["compressor"], settings=r["settings"]))
+    for r in ppl:
+        append_jsonl(out / configs[r["label"]]["folder"] / "ppl.jsonl", r)
+    none_rows = {(r["run"], r["prompt_len"]): r for r in speed if r["engine"] == "minipythia" and r["label"] == "none"}
+    for r in speed:
+        ref = none_rows.get((r["run"], r["prompt_len"]))
+        if r["engine"] == "minipythia" and r["label"] != "none" and ref is not None:
+            r = dict(r, reference={k: ref[k] for k in REFERENCE_KEYS})
+        folder = configs[r["label"]]["folder"] if r["engine"] == "minipythia" else folder_name("none")
+        append_jsonl(out / folder / "speed.jsonl", r)
+    first = (ppl or speed)[0]
+    books = {r["book"]: [r["book"], r["source"], r["book_tokens"]] for r in ppl}
+    lengths = sorted({r["prompt_len"] for r in speed})
+    settings = dict(model=first["model"], revision=first.get("revision"), dtype=first["dtype"], tokenizer=None,
+                    ctx_len=ppl[0]["ctx_len"] if ppl else None, stride=ppl[0]["stride"] if ppl else None,
+                    max_tokens=ppl[0]["max_tokens"] if ppl else None, books=list(books.values()),
+                    speed=dict(prompt_lengths=lengths, new_tokens=speed[0]["new_tokens"],
+                               repeats=speed[0]["repeats"]) if speed else None)
+    runs = [dict(command=r.get("command", ""), started=r["started"], wall_seconds=r["wall_seconds"],
+                 configs_run=len(configs)) for r in suite.get("runs", [])]
+    (out / "sweep.json").write_text(json.dumps(dict(
+        settings=settings, config_file="(moved from the flat layout of an older run)", config_text="",
+        model=first["model"], revision=first.get("revision"), dtype=first["dtype"], checkpoint="?",
+        parameters=suite.get("parameters"), architecture=None, data=suite.get("data", f"{len(books)} book(s)"),
+        ppl_skipped=suite.get("ppl_skipped"), machine=suite.get("machine", "?"), configs=list(configs.values()),
+        skipped=[], runs=runs), indent=2))
+    for name in ("ppl.jsonl", "speed.jsonl", "suite.json"):
+        if (out / name).is_file():
+            (out / name).rename(out / f"{name}.flat")
+    return True
 
 
 def load_sweep(out: Path) -> Results:
     sweep = json.loads((out / "sweep.json").read_text())
-    s, arch = sweep["settings"], sweep["architecture"]
+    s, arch = sweep["settings"], sweep.get("architecture")
     lengths = s["speed"]["prompt_lengths"] if s["speed"] else []
     ppl, speed, unfinished = [], [], []
     books = [name for name, _, _ in s["books"]]
@@ -219,14 +217,21 @@ def load_sweep(out: Path) -> Results:
         if missing:
             unfinished.append([c["label"], ", ".join(missing)])
     speed.sort(key=lambda r: r["prompt_len"])  # stable: configurations keep their order at each length
-    window_prompt = s["ctx_len"] - s["stride"]
+    shape = (f"{sweep['parameters'] / 1e6:.1f}M parameters: {arch['layers']} layers, hidden {arch['hidden']}, "
+             f"{arch['heads']} heads, vocabulary {arch['vocab']}, trained on {arch['trained_positions']} positions"
+             if arch else "shape not recorded")
+    if s.get("mode") == "stream":
+        windows = (f"- PPL: token by token, compressing during decoding every {s['decode_interval']} entries above "
+                   f"the budget, restarting every {s['ctx_len']} tokens")
+    elif books:
+        windows = (f"- PPL windows: ctx_len {s['ctx_len']}, stride {s['stride']}: each window after the first "
+                   f"compresses a {s['ctx_len'] - s['stride']}-token prompt and scores {s['stride']} tokens")
+    else:
+        windows = "- PPL: none"
     header = [f"- model: `{sweep['model']}`" + (f" @ {sweep['revision']}" if sweep.get("revision") else "") +
-              f" ({sweep['dtype']}, {sweep['parameters'] / 1e6:.1f}M parameters: {arch['layers']} layers, hidden "
-              f"{arch['hidden']}, {arch['heads']} heads, vocabulary {arch['vocab']}, trained on "
-              f"{arch['trained_positions']} positions), from `{sweep['checkpoint']}`",
+              f" ({sweep['dtype']}, {shape}), from `{sweep['checkpoint']}`",
               f"- data: {sweep['data']}",
-              f"- PPL windows: ctx_len {s['ctx_len']}, stride {s['stride']}: each window after the first compresses "
-              f"a {window_prompt}-token prompt and scores {s['stride']} tokens",
+              windows,
               f"- configurations: {len(sweep['configs'])} from `{sweep['config_file']}`, {len(sweep['skipped'])} "
               f"skipped, {len(unfinished)} unfinished",
               f"- machine: {sweep['machine']}",
@@ -250,7 +255,7 @@ def load_sweep(out: Path) -> Results:
     return Results("KV-cache compression sweep", header, sweep["model"], ppl, speed, heading,
                    [dict(label=c["label"], compressor=c["compressor"], settings=c["settings"]) for c in sweep["configs"]],
                    ppl_missing=sweep.get("ppl_skipped") or "No PPL results.", per_book=len(sweep["configs"]) <= 8,
-                   lm_head=f"{arch['vocab']}x{arch['hidden']}", sections=sections)
+                   lm_head=f"{arch['vocab']}x{arch['hidden']}" if arch else None, sections=sections)
 
 
 def data_title(records: list[dict]) -> str:
@@ -342,7 +347,10 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"results directory {str(out)!r} does not exist")
-    results = load_sweep(out) if (out / "sweep.json").is_file() else load_suite(out)
+    migrate_flat_layout(out)
+    if not (out / "sweep.json").is_file():
+        raise ValueError(f"{out} holds no sweep.json (nor the ppl.jsonl / speed.jsonl of an older run) to report on")
+    results = load_sweep(out)
     lines = [f"# {results.title}", ""] + results.header + results.sections
     lines += ["## Sliding-window perplexity", ""]
     group = ppl_groups(results.ppl)[-1] if results.ppl else []  # the latest setup, when a file holds several
@@ -362,7 +370,8 @@ def write_report(out: str | Path) -> Path:
         lines += speed_plots(results.speed, results.configs, out)
     else:
         lines += ["No speed results.", ""]
-    window_prompt = group[0]["ctx_len"] - group[0]["stride"] if group else None
+    # Stream PPL (no stride) compresses no window prompt: the claims' PPL row is left unmeasured.
+    window_prompt = group[0]["ctx_len"] - group[0]["stride"] if group and group[0]["stride"] else None
     lines += claims_section(results.configs, complete_ppl(group), window_prompt,
                             [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
     path = out / "report.md"

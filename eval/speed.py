@@ -10,7 +10,7 @@ Definitions (the same for every config, so ratios within a run are what to compa
 - KV bytes: what the cache's tensors hold after the prefill before compression, after it, and at the end.
 - peak RSS: the process's peak resident memory during the run (model weights included): Linux resets
   the peak (VmHWM) before each run; elsewhere it is the process's peak so far (getrusage).
-- transformers (--hf): `generate` (greedy) on the same checkpoint, prompt, dtype and new tokens; TTFT is a
+- transformers (speed.hf): `generate` (greedy) on the same checkpoint, prompt, dtype and new tokens; TTFT is a
   max_new_tokens=1 call; TPOT the median interval between the calls of a LogitsProcessor, which
   `generate` runs once per token, after the same warm-up.
 Configs are interleaved within each repeat so that drift of the machine hits all of them alike.
@@ -29,9 +29,14 @@ from pathlib import Path
 import torch
 
 from minipythia import Compressor, Generation, generate
-from minipythia.generation import WARMUP_STEPS
+from minipythia.generate import WARMUP_STEPS
+from minipythia.timing import clock
 
-from .results import append_jsonl
+# What a speed row of a compressed configuration keeps of the no-compression row measured with it, its
+# `reference` (the tokens are left out).
+REFERENCE_KEYS = ("ttft_ms", "compress_ms", "tpot_ms", "tok_s", "kv_prefill_bytes", "kv_compressed_bytes",
+                  "kv_end_bytes", "kept_after_prefill", "peak_rss_mib")
+
 
 def reset_peak_rss() -> bool:
     """Linux lets a process reset its peak RSS (VmHWM), so that each run's peak is its own. Memory freed
@@ -137,7 +142,7 @@ def measure_hf(hf, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: i
             self.times = []
 
         def __call__(self, input_ids, scores):
-            self.times.append(time.perf_counter())
+            self.times.append(clock(scores.device))
             return scores
 
     eos = hf.config.eos_token_id if hf.config.eos_token_id is not None else 0
@@ -153,9 +158,9 @@ def measure_hf(hf, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: i
         ttfts, steps, peaks = [], [], []
         for _ in range(repeats):
             reset_peak_rss()
-            t = time.perf_counter()
+            t = clock(hf.device)
             hf_generate(prompt, 1)
-            ttfts.append(time.perf_counter() - t)
+            ttfts.append(clock(hf.device) - t)
             stamps = Stamps()
             out = hf_generate(prompt, new_tokens, [stamps])
             steps += [b - a for a, b in zip(stamps.times, stamps.times[1:])][WARMUP_STEPS:]
@@ -176,33 +181,3 @@ def run_meta(meta: dict, new_tokens: int, repeats: int) -> dict:
     return dict(meta, run=time.strftime("%Y%m%d-%H%M%S"), new_tokens=new_tokens, repeats=repeats,
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 peak_rss_scope="per run" if reset_peak_rss() else "process so far")
-
-
-def run_speed(model, prompts: dict[int, torch.Tensor], configs: list[Compressor], new_tokens: int, repeats: int,
-              out, meta: dict, hf_dir=None) -> list[dict]:
-    """measure() (and measure_hf() when hf_dir is given) with each row appended to out/speed.jsonl.
-
-    meta (model, dtype, prompt source, ...) goes into every row, with a `run` id shared by the rows of this run.
-    """
-    path = Path(out) / "speed.jsonl"
-    meta = run_meta(meta, new_tokens, repeats)
-    rows = []
-
-    def save(row):
-        row = dict(meta, **row)
-        append_jsonl(path, row)
-        rows.append(row)
-
-    print(f"speed: {len(prompts)} prompt length(s) x {len(configs)} config(s) x {repeats} repeat(s), "
-          f"{new_tokens} new tokens", file=sys.stderr)
-    measure(model, prompts, configs, new_tokens, repeats, on_result=save)
-    if hf_dir is not None:
-        hf = load_hf(hf_dir, model.embed_in.weight.dtype)
-        if hf is None:
-            print("note: transformers is not installed; --hf comparison skipped", file=sys.stderr)
-        else:
-            ours = {r["prompt_len"]: r["tokens"] for r in rows if r["label"] == "none"}
-            measure_hf(hf, prompts, new_tokens, repeats,
-                       on_result=lambda r: save(dict(r, same_tokens=r["tokens"] == ours.get(r["prompt_len"]))))
-            del hf
-    return rows

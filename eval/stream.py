@@ -12,7 +12,6 @@ full-KV teacher forcing within each segment: the NLLs of one forward over the se
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from minipythia import Compressor
 from minipythia.cache import check_decode_interval
+from minipythia.timing import clock
 
 
 def check_stream_args(mode: str, stride: int | None, compressor: Compressor, decode_interval: int | None):
@@ -77,8 +77,9 @@ def stream_nlls(model, ids: torch.Tensor, ctx_len: int, compressors: list[Compre
     with tqdm(total=len(compressors) * max(ids.numel() - 1, 0), desc=desc, disable=desc is None, unit="tok",
               file=sys.stderr) as progress:
         for i, compressor in enumerate(compressors):
-            start = time.perf_counter()
+            device = model.embed_in.weight.device
+            start = clock(device)
             results.append(stream_nll(model, ids, ctx_len, compressor, decode_interval, progress))
             if seconds is not None:
-                seconds[i] += time.perf_counter() - start
+                seconds[i] += clock(device) - start
     return results

@@ -30,37 +30,14 @@ import torch
 from tqdm import tqdm
 
 from minipythia import Compressor, NoCompression
+from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenized_books
 from .grid import ConfigError, SweepSpec, expand, folder_name
 from .ppl import kept_per_head, record_key, run_ppl
 from .report import write_report
 from .results import append_jsonl, read_jsonl
-from .speed import measure, run_meta
-
-# What a speed row keeps of the no-compression row measured with it (the tokens are left out).
-REFERENCE_KEYS = ("ttft_ms", "compress_ms", "tpot_ms", "tok_s", "kv_prefill_bytes", "kv_compressed_bytes",
-                  "kv_end_bytes", "kept_after_prefill", "peak_rss_mib")
-
-
-def probe(model, compressor: Compressor, prompt_len: int) -> str | None:
-    """Why a compressor cannot run on this model's window prompts (its ValueError, e.g. the oracle without
-    future queries), else None: one compression of random K, V and queries of that shape, as a prefill does."""
-    if prompt_len < 1:
-        return None
-    c, p = model.config, model.embed_in.weight
-    cache = model.new_cache(1, compressor)
-    g = torch.Generator().manual_seed(0)
-    for layer in range(c.num_hidden_layers):
-        k, v, q = (torch.randn(1, c.num_attention_heads, prompt_len, c.head_size, generator=g).to(p.device, p.dtype)
-                   for _ in range(3))
-        cache.append(layer, k, v)
-        try:
-            cache.compress(layer, q)
-        except ValueError as e:
-            return str(e)
-    return None
-
+from .speed import REFERENCE_KEYS, load_hf, measure, measure_hf, run_meta
 
 def ppl_complete(folder: Path, base: dict, books: list[str], label: str) -> bool:
     keys = {record_key(r) for r in read_jsonl(folder / "ppl.jsonl")}
@@ -76,11 +53,27 @@ def complete_speed_rows(folder: Path, lengths: list[int]) -> list[dict]:
     return complete[-1] if complete else []
 
 
+def sweep_settings(spec: SweepSpec, tokenized) -> dict:
+    """What must be the same for results to share a folder. Settings at their defaults that older folders do
+    not record (mode, ppl, speed.hf) are left out, so those folders still match."""
+    settings = dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, tokenizer=spec.tokenizer,
+                    ctx_len=spec.ctx_len, stride=spec.stride, max_tokens=spec.max_tokens,
+                    books=[[name, source, ids.numel()] for name, source, ids in tokenized],
+                    speed=asdict(spec.speed) if spec.speed else None)
+    if spec.speed and not spec.speed.hf:
+        del settings["speed"]["hf"]
+    if spec.mode != "window":
+        settings.update(mode=spec.mode, decode_interval=spec.decode_interval)
+    if not spec.ppl:
+        settings["ppl"] = False
+    return settings
+
+
 def check_settings(out: Path, settings: dict):
     """Refuses to mix two setups in one OUT: model, data, windows and speed settings must be those of its sweep.json."""
-    if (out / "suite.json").is_file():
-        raise ConfigError(f"{out} holds the results of `python -m eval suite` (suite.json); give the sweep "
-                          f"another --out")
+    if (out / "suite.json").is_file() or ((out / "ppl.jsonl").is_file() and not (out / "sweep.json").is_file()):
+        raise ConfigError(f"{out} holds results in the older flat layout (ppl.jsonl at its top); `python -m eval "
+                          f"report {out}` moves them into the folder layout first")
     path = out / "sweep.json"
     if not path.is_file():
         return
@@ -94,19 +87,21 @@ def check_settings(out: Path, settings: dict):
 
 
 def measure_batch(model, prompts: dict, batch: list[Compressor], spec: SweepSpec, meta: dict, run: str,
-                  folders: dict[str, Path]):
-    """Speed of a batch, interleaved with no compression (the reference of every row, from the same run)."""
+                  folders: dict[str, Path], checkpoint: Path):
+    """Speed of a batch, interleaved with no compression (the reference of every row, from the same run);
+    with speed.hf, transformers' generate on the same checkpoint too, its rows beside no compression's."""
     in_batch = any(c.label == "none" for c in batch)
     reference = next((c for c in batch if c.label == "none"), NoCompression())
     configs = [reference] + [c for c in batch if c.label != "none"]
     row_meta = dict(run_meta(meta, spec.speed.new_tokens, spec.speed.repeats), run=run)
-    references = {}
+    references, none_tokens = {}, {}
     bar = tqdm(total=len(prompts) * len(configs), desc=f"speed ({len(configs)} configs)", unit="row", file=sys.stderr)
 
     def save(row):
         bar.update(1)
         if row["label"] == "none":  # measure() yields it first at each prompt length
             references[row["prompt_len"]] = {k: row[k] for k in REFERENCE_KEYS}
+            none_tokens[row["prompt_len"]] = row["tokens"]
             if not in_batch:
                 return
         else:
@@ -115,28 +110,30 @@ def measure_batch(model, prompts: dict, batch: list[Compressor], spec: SweepSpec
 
     measure(model, prompts, configs, spec.speed.new_tokens, spec.speed.repeats, on_result=save)
     bar.close()
+    if not (spec.speed.hf and in_batch):
+        return
+    hf = load_hf(checkpoint, model.embed_in.weight.dtype)
+    if hf is None:
+        print("note: transformers is not installed; the speed part's transformers comparison is skipped",
+              file=sys.stderr)
+        return
+    measure_hf(hf.to(model.embed_in.weight.device), prompts, spec.speed.new_tokens, spec.speed.repeats,
+               on_result=lambda r: append_jsonl(folders["none"] / "speed.jsonl", dict(
+                   row_meta, **r, same_tokens=r["tokens"] == none_tokens[r["prompt_len"]])))
 
 
 def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: Path, out: Path, command: str,
               ppl_skipped: str | None = None) -> Path:
     """Runs what is not done yet and writes OUT/report.md. spec.model / ctx_len / stride are the resolved ones.
-    Without books (ppl_skipped says why) only the speed part runs."""
-    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.perf_counter()
-    tokenized = tokenized_books(books, tokenizer, spec.max_tokens)
-    settings = dict(model=spec.model, revision=spec.revision, dtype=spec.dtype, tokenizer=spec.tokenizer,
-                    ctx_len=spec.ctx_len, stride=spec.stride, max_tokens=spec.max_tokens,
-                    books=[[name, source, ids.numel()] for name, source, ids in tokenized],
-                    speed=asdict(spec.speed) if spec.speed else None)
+    Without books (ppl_skipped says why), or with spec.ppl false, only the speed part runs (on the books' first
+    tokens, when there are books)."""
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), clock(model.embed_in.weight.device)
+    tokenized = tokenized_books(books, tokenizer, spec.max_tokens) if spec.ppl else []
+    settings = sweep_settings(spec, tokenized)
     check_settings(out, settings)
-    window_prompt = spec.ctx_len - spec.stride
-    grid = expand(spec.policies, {"num_layers": model.config.num_hidden_layers})
-    configs, skipped = [], list(grid.skipped)
-    for c in grid.configs:
-        reason = probe(model, c, window_prompt)
-        if reason:
-            skipped.append(dict(compressor=c.name, settings=c.settings(), reason=reason))
-        else:
-            configs.append(c)
+    window_prompt = spec.ctx_len - spec.stride if spec.mode == "window" else spec.ctx_len
+    grid = expand(spec.policies, model.config)
+    configs, skipped = grid.configs, grid.skipped
     for s in skipped:
         print(f"skipped {s['compressor']} {s['settings']}: {s['reason']}", file=sys.stderr)
     if not configs:
@@ -154,24 +151,28 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
             sweep=settings), indent=2))
 
     summary_path = out / "sweep.json"
-    previous = json.loads(summary_path.read_text()).get("runs", []) if summary_path.is_file() else []
+    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    # The folder remembers every configuration it has held, so that a later sweep of other policies into it
+    # adds to the report instead of hiding what is there.
+    held = {c["label"]: c for c in previous.get("configs", [])}
+    held.update({c.label: dict(label=c.label, folder=folders[c.label].name, compressor=c.name, settings=c.settings())
+                 for c in configs})
     summary = dict(
         settings=settings, config_file=str(spec.path), config_text=spec.text, model=spec.model,
         revision=spec.revision, dtype=spec.dtype, checkpoint=str(directory), parameters=model.num_parameters(),
         architecture=dict(layers=n_layers, heads=model.config.num_attention_heads,
                           hidden=model.config.hidden_size, vocab=model.config.vocab_size,
                           trained_positions=model.config.max_position_embeddings),
-        data=describe_books(books, spec.max_tokens) if books else "none (PPL skipped)", ppl_skipped=ppl_skipped,
+        data=describe_books(books, spec.max_tokens) if tokenized else "none (PPL skipped)", ppl_skipped=ppl_skipped,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                 f"({torch.get_num_threads()} threads)",
-        configs=[dict(label=c.label, folder=folders[c.label].name, compressor=c.name, settings=c.settings())
-                 for c in configs],
-        skipped=skipped, runs=previous)
+        configs=list(held.values()), skipped=skipped, runs=previous.get("runs", []))
     summary_path.write_text(json.dumps(summary, indent=2))
 
     meta = dict(model=spec.model, revision=spec.revision, dtype=spec.dtype)
-    base = dict(meta, ctx_len=spec.ctx_len, stride=spec.stride, max_tokens=spec.max_tokens)
-    names = [name for name, _, _ in tokenized]
+    base = dict(meta, mode=spec.mode, ctx_len=spec.ctx_len, stride=spec.stride if spec.mode == "window" else None,
+                max_tokens=spec.max_tokens, decode_interval=spec.decode_interval)
+    names = [name for name, _, _ in tokenized] if spec.ppl else []
     lengths = spec.speed.prompt_lengths if spec.speed else []
 
     def complete(c) -> bool:
@@ -188,18 +189,20 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
     bar = tqdm(total=len(configs), initial=len(configs) - len(pending), desc="sweep", unit="config", file=sys.stderr)
     for i in range(0, len(pending), spec.batch_size):
         batch = pending[i : i + spec.batch_size]
-        run_ppl(model, tokenized, batch, out, meta, spec.ctx_len, spec.stride, spec.max_tokens,
-                path_of=lambda c: folders[c.label] / "ppl.jsonl")
+        if spec.ppl:
+            run_ppl(model, tokenized, batch, meta, spec.ctx_len, spec.stride, spec.max_tokens,
+                    path_of=lambda c: folders[c.label] / "ppl.jsonl", mode=spec.mode,
+                    decode_interval=spec.decode_interval)
         unmeasured = [c for c in batch if lengths and not complete_speed_rows(folders[c.label], lengths)]
         if unmeasured:
             measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=source),
-                          f"{run_id}-b{i // spec.batch_size}", folders)
+                          f"{run_id}-b{i // spec.batch_size}", folders, directory)
         bar.update(len(batch))
     bar.close()
 
-    t_end = time.perf_counter()
-    summary["runs"] = previous + [dict(command=command, started=started, wall_seconds=round(t_end - t0, 1),
-                                       configs_run=len(pending))]
+    t_end = clock(model.embed_in.weight.device)
+    summary["runs"] = summary["runs"] + [dict(command=command, started=started, wall_seconds=round(t_end - t0, 1),
+                                              configs_run=len(pending))]
     summary_path.write_text(json.dumps(summary, indent=2))
     path = write_report(out)
     print(f"report: {path} (wall time {t_end - t0:.0f} s)")

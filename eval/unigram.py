@@ -16,7 +16,7 @@ import sys
 import torch
 
 from minipythia import Tokenizer
-from minipythia.cli import resolve_model_arg, run_cli
+from minipythia.cli import resolve_model, run_cli
 
 from .data import load_books, tokenized_books
 
@@ -43,13 +43,14 @@ def main(argv=None) -> int:
     p.add_argument("--train", required=True, help="directory of .txt books the frequencies come from")
     p.add_argument("--data", required=True, nargs="+", help="pg19, a directory of .txt books, or files")
     args = p.parse_args(argv)
-    directory = resolve_model_arg(args)
+    choice = resolve_model(args.model, args.revision)
+    directory = choice.directory
     tokenizer = Tokenizer.from_pretrained(directory)
     vocab = max(tokenizer.vocab_size, 1)
     counts = unigram_counts(load_books(args.train), tokenizer, vocab)
     scored = [ids[1:] for _, _, ids in tokenized_books(load_books(args.data), tokenizer)]
     ppl, n = unigram_ppl(counts, scored)
-    print(f"unigram PPL {ppl:.2f} over {n} tokens (frequencies from {args.train}, tokenizer of {args.model})")
+    print(f"unigram PPL {ppl:.2f} over {n} tokens (frequencies from {args.train}, tokenizer of {choice.name})")
     return 0
 
 

@@ -8,16 +8,15 @@ A compressor runs at the end of the prefill (the first forward into an empty cac
 `decode_interval`, it also runs during decoding: whenever a forward leaves a layer with more than
 budget + decode_interval entries (budget = the policy's keep_count), that layer is compressed back to the
 budget by the same selection step, scored with the layer's most recent queries, which the cache keeps
-(`decode_query_window` says how many each policy reads).
+(the policy's `decode_queries()` says how many it reads).
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .config import PythiaConfig
+from .timing import clock
 
 # Decoding appends one token at a time; growing the buffers in chunks keeps that from copying every step.
 GROWTH = 64
@@ -25,21 +24,27 @@ GROWTH = 64
 
 class KVCache:
     def __init__(self, config: PythiaConfig, batch_size: int = 1, dtype=torch.float32, device="cpu",
-                 compressor=None, decode_interval: int | None = None):
-        check_decode_interval(compressor, decode_interval)  # before any forward
+                 compressor=None, decode_interval: int | None = None, record_queries: bool = False):
+        self._query_window = check_decode_interval(compressor, decode_interval)  # before any forward
+        if compressor is not None:
+            compressor.for_model(config)
+            missing = compressor.missing_input()
+            if missing:
+                raise ValueError(missing)
         self.batch_size = batch_size
         self.n_heads = config.num_attention_heads
         self.head_size = config.head_size
         self.dtype, self.device = dtype, torch.device(device)
         self.compressor = compressor
         self.decode_interval = decode_interval
-        self._query_window = decode_query_window(compressor) if decode_interval is not None else 0
         n = config.num_hidden_layers
         self._keys: list[torch.Tensor | None] = [None] * n  # (B, nh, capacity, hs)
         self._values: list[torch.Tensor | None] = [None] * n
         self._positions: list[torch.Tensor | None] = [None] * n  # (B, nh, capacity) int64
         self._lengths = [0] * n  # entries in use per layer
         self._queries: list[torch.Tensor | None] = [None] * n  # (B, nh, <= _query_window, hs), decode_interval only
+        # With record_queries, each layer's queries of the latest forward (what Prefill.record reads).
+        self.recorded_queries: list[torch.Tensor | None] | None = [None] * n if record_queries else None
         self._new_positions: torch.Tensor | None = None  # positions of the forward being stored, see append
         self._float32_scratch: torch.Tensor | None = None  # see in_float32
         self.seen = 0
@@ -128,6 +133,8 @@ class KVCache:
         The prefill is compressed to the policy's budget; with a decode_interval, any later forward that
         leaves the layer above budget + decode_interval entries compresses it back to the budget.
         """
+        if self.recorded_queries is not None:
+            self.recorded_queries[layer] = queries
         if self.compressor is None:
             return  # the plain decode path: no bookkeeping at all
         if self.decode_interval is not None:
@@ -158,7 +165,7 @@ class KVCache:
         """The one shared selection step, at the prefill and during decoding: each policy only scores
         entries; here the top keep_count per (batch, head) are kept, in position order, in new tensors of
         exactly that size. `queries` are those of the layer's last entries (all of them at the prefill)."""
-        start = time.perf_counter()
+        start = clock(self.device)
         n = self._lengths[layer]
         keep = self.compressor.keep_count(layer, n)
         if keep < n:
@@ -166,7 +173,7 @@ class KVCache:
             scores = self.compressor.score(layer, keys, values, queries)  # (B, nh, n)
             idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (B, nh, keep)
             self.keep(layer, idx)
-        self.compress_seconds += time.perf_counter() - start
+        self.compress_seconds += clock(self.device) - start
 
     def keep(self, layer: int, idx: torch.Tensor):
         """Keeps only the entries at indices idx (B, nh, k) of a layer, in freshly allocated tensors."""
@@ -181,48 +188,15 @@ class KVCache:
         return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
 
 
-def check_decode_interval(compressor, decode_interval: int | None):
-    """Raises ValueError unless a cache can compress with `compressor` during decoding at this interval
-    (None: no decode-time compression, always fine). The CLIs call it before loading a model."""
+def check_decode_interval(compressor, decode_interval: int | None) -> int:
+    """How many of each layer's newest queries a cache compressing with `compressor` during decoding at this
+    interval keeps (0 with decode_interval None: no decode-time compression); raises ValueError when it
+    cannot. The CLIs call it before loading a model."""
     if decode_interval is None:
-        return
+        return 0
     if compressor is None:
         raise ValueError("decode_interval needs a compressor: it is the policy that says what to keep")
     if decode_interval < 0:
         raise ValueError(f"decode_interval must be >= 0 (entries allowed above the budget before compressing "
                          f"again), got {decode_interval}")
-    decode_query_window(compressor)
-
-
-def decode_query_window(compressor) -> int:
-    """How many of a layer's most recent queries `compressor.score` reads when it compresses during decoding.
-
-    The cache keeps that many, and they must be the queries of its last entries (the alignment score()
-    assumes): each policy here either always keeps its last W entries (SnapKV's window, H2O's recent
-    tokens), or reads only the query of the token just appended (TOVA, W = 1), or reads none (W = 0).
-    Policies whose budget or scores only mean something for a whole prompt are refused.
-    """
-    name = compressor.name
-    if name in ("none", "streaming_llm", "random"):
-        return 0  # none never evicts, StreamingLLM ranks entries by position, random by chance
-    if name == "tova":
-        return 1  # the attention of the newest token
-    if name == "snapkv":
-        return compressor.window_size  # the window votes, and is always kept
-    if name == "h2o":
-        # A windowed H2O: the heavy hitters are the entries the n_recent newest tokens attended to most
-        # (the cache carries no scores across compressions); at least the newest token's query.
-        return max(1, compressor.n_recent)
-    refused = {
-        "knorm": "KnormPress keeps a fraction of whatever it is given, so it has no fixed budget: compressed at "
-                 "every trigger, the cache would shrink until it holds at most about decode_interval / "
-                 "compression_ratio entries, a size set by the interval, not by the policy",
-        "pyramidkv": "PyramidKV's per-layer budgets are computed from the prompt's length, which a stream of "
-                     "decoded tokens does not have",
-        "oracle": "the oracle scores with the queries of the tokens that follow a fixed prompt, which do not exist "
-                  "while decoding",
-    }
-    reason = refused.get(name, "it is not listed in minipythia.cache.decode_query_window, which says which queries "
-                               "each policy's score() reads")
-    raise ValueError(f"{name} cannot compress during decoding: {reason}. Use streaming_llm, tova, snapkv, h2o or "
-                     f"random, or leave decode_interval unset")
+    return compressor.decode_queries()

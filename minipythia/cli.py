@@ -1,18 +1,24 @@
-"""What the command-line tools share: compressor options, model loading options, and clean errors."""
+"""What the command-line tools share: model options, compressor options, and clean errors.
+
+The compressor options come from the registry: `--compressor NAME` and one flag per setting of any
+registered policy (`window_size` -> `--window-size`; `--compressor-NAME` where the command has a `--NAME`
+of its own, as generate's `--seed`), so a new policy's settings appear here by themselves.
+`--policy-module FILE.py|MODULE` loads policies registered outside the package first.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .compressors import COMPRESSORS, Compressor
-from .config import PythiaConfig
-from .weights import DEFAULT_MODEL, EMBEDDED_MODEL, ModelNotFoundError, resolve
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from .compressors import COMPRESSORS, Compressor, build_compressor, import_policies, policy_class
+from .compressors.registry import decoding_policies
+from .compressors.base import Setting, settings_of
+from .model import Pythia
+from .weights import DEFAULT_MODEL, DTYPES, EMBEDDED_MODEL, ModelNotFoundError, resolve
 
 
 def add_model_args(parser: argparse.ArgumentParser):
@@ -23,75 +29,120 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
 
 
-def resolve_model_arg(args: argparse.Namespace) -> Path:
-    """The checkpoint directory `--model` names; with no --model, Pythia-70M when it can be had, else the
-    small model that ships in weights/. args.model is set to what is really used, for the reports."""
-    if args.model is not None:
-        return resolve(args.model, args.revision)
+@dataclass
+class ModelChoice:
+    directory: Path  # the checkpoint directory
+    name: str  # what the results say was used: --model as given, or the default that was taken
+    revision: str | None
+
+
+def resolve_model(model: str | None, revision: str | None = None) -> ModelChoice:
+    """The checkpoint `--model` names; with none, Pythia-70M when it can be had, else the small model that
+    ships in weights/ (with a one-line note)."""
+    if model is not None:
+        return ModelChoice(resolve(model, revision), model, revision)
     try:
-        directory = resolve(DEFAULT_MODEL, args.revision)
-        args.model = DEFAULT_MODEL
+        return ModelChoice(resolve(DEFAULT_MODEL, revision), DEFAULT_MODEL, revision)
     except ModelNotFoundError as e:
         if not (EMBEDDED_MODEL / "config.json").is_file():
             raise
         print(f"note: {DEFAULT_MODEL} is neither cached nor reachable ({str(e).split(';')[0]}); using the "
               f"embedded {EMBEDDED_MODEL.parent.name}/{EMBEDDED_MODEL.name} instead", file=sys.stderr)
-        directory, args.model, args.revision = EMBEDDED_MODEL, f"weights/{EMBEDDED_MODEL.name}", None
-    return directory
+        return ModelChoice(EMBEDDED_MODEL, f"weights/{EMBEDDED_MODEL.name}", None)
 
 
-def add_compressor_args(parser: argparse.ArgumentParser, decode_interval: bool = False):
-    """The compressor options; with decode_interval, also --decode-interval (for the commands that use it)."""
-    g = parser.add_argument_group("KV-cache compression")
+def load_for_inference(directory: Path, dtype: str) -> Pythia:
+    return Pythia.from_pretrained(directory, dtype=DTYPES[dtype]).for_inference()
+
+
+def add_compressor_args(parser: argparse.ArgumentParser, argv=None, decode_interval: bool = False):
+    """--compressor and the flags of every registered policy's settings (policies named by --policy-module
+    in argv, default sys.argv, are loaded first); with decode_interval, also --decode-interval."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--policy-module", action="append", default=[])
+    import_policies(pre.parse_known_args(sys.argv[1:] if argv is None else argv)[0].policy_module)
+
+    g = parser.add_argument_group("KV-cache compression (each setting applies to the policies its help names)")
+    g.add_argument("--policy-module", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="load compressors registered in this file or module (repeatable)")
     g.add_argument("--compressor", choices=list(COMPRESSORS), default="none")
-    g.add_argument("--window-size", type=int, default=32, help="SnapKV / PyramidKV observation window W")
-    g.add_argument("--max-capacity-prompt", type=int, default=512,
-                   help="entries kept per head C (SnapKV, PyramidKV: on average over layers, StreamingLLM, H2O, "
-                        "TOVA, random)")
-    g.add_argument("--kernel-size", type=int, default=5, help="SnapKV / PyramidKV pooling kernel (odd)")
-    g.add_argument("--pooling", choices=["avgpool", "maxpool"], default="avgpool")
-    g.add_argument("--compression-ratio", type=float, default=0.5, help="KnormPress fraction evicted, in [0, 1)")
-    g.add_argument("--skip-layers", type=lambda s: tuple(int(x) for x in s.split(",") if x), default=(),
-                   help="KnormPress: comma-separated layers left whole, e.g. 0,1")
-    g.add_argument("--n-sink", type=int, default=4, help="StreamingLLM: first tokens always kept")
-    g.add_argument("--recent-ratio", type=float, default=0.5, help="H2O: share of C kept for the most recent tokens")
-    g.add_argument("--beta", type=int, default=20, help="PyramidKV: bottom/top budget ratio parameter")
-    # Not --seed: generate already has one, for sampling.
-    g.add_argument("--compressor-seed", type=int, default=0, help="random eviction: seed of the random scores")
+    users: dict[str, list[tuple[str, Setting]]] = {}
+    for name, cls in COMPRESSORS.items():
+        for setting in settings_of(cls):
+            users.setdefault(setting.name, []).append((name, setting))
+    flags = {}
+    for setting_name, used_by in users.items():
+        flag = "--" + setting_name.replace("_", "-")
+        if flag in parser._option_string_actions:  # the command's own option (generate's --seed)
+            flag = "--compressor-" + setting_name.replace("_", "-")
+        flags[setting_name] = flag
+        described = "; ".join(f"{policy} (default {_shown(s.default)})" for policy, s in used_by)
+        choices = next((s.choices for _, s in used_by if s.choices), None)
+        g.add_argument(flag, dest=f"setting_{setting_name}", default=None, metavar=_metavar(used_by[0][1]),
+                       help=described + (f"; one of {', '.join(choices)}" if choices else ""))
+    parser.set_defaults(setting_flags=flags)
     if decode_interval:
         g.add_argument("--decode-interval", type=int, default=None, metavar="N",
-                       help="also compress during decoding: whenever a layer holds more than its budget + N "
-                            "entries, compress it back to the budget (streaming_llm, tova, snapkv, h2o, random)")
+                       help=f"also compress during decoding: whenever a layer holds more than its budget + N "
+                            f"entries, compress it back to the budget ({', '.join(decoding_policies())})")
 
 
 def compressor_from_args(args: argparse.Namespace) -> Compressor:
-    """The compressor the options name; its own validation raises ValueError on bad settings."""
-    C = args.max_capacity_prompt
-    if args.compressor == "knorm":
-        return COMPRESSORS["knorm"](compression_ratio=args.compression_ratio, skip_layers=args.skip_layers)
-    if args.compressor == "snapkv":
-        return COMPRESSORS["snapkv"](window_size=args.window_size, max_capacity_prompt=C,
-                                     kernel_size=args.kernel_size, pooling=args.pooling)
-    if args.compressor == "pyramidkv":
-        # The per-layer budgets need the model's depth: read it from the checkpoint's config.json (on a
-        # copy of args: resolve_model_arg rewrites --model, and the caller resolves it again for itself).
-        directory = resolve_model_arg(argparse.Namespace(**vars(args)))
-        num_layers = PythiaConfig.from_json(directory / "config.json").num_hidden_layers
-        return COMPRESSORS["pyramidkv"](window_size=args.window_size, max_capacity_prompt=C,
-                                        kernel_size=args.kernel_size, pooling=args.pooling, beta=args.beta,
-                                        num_layers=num_layers)
-    if args.compressor == "streaming_llm":
-        return COMPRESSORS["streaming_llm"](n_sink=args.n_sink, max_capacity_prompt=C)
-    if args.compressor == "h2o":
-        return COMPRESSORS["h2o"](max_capacity_prompt=C, recent_ratio=args.recent_ratio)
-    if args.compressor == "tova":
-        return COMPRESSORS["tova"](max_capacity_prompt=C)
-    if args.compressor == "random":
-        return COMPRESSORS["random"](max_capacity_prompt=C, seed=args.compressor_seed)
-    if args.compressor == "oracle":
-        raise ValueError("the oracle needs the tokens that come after the prompt, which the command line does not "
-                         "have: use the Python API (Oracle and oracle_future_queries)")
-    return COMPRESSORS[args.compressor]()
+    """The compressor the options name, built from the settings given (the others keep the policy's
+    defaults). A setting flag the chosen policy does not have, a value it cannot take, or a policy that
+    needs more than a command line gives is a ValueError."""
+    cls = policy_class(args.compressor)
+    own = {s.name: s for s in settings_of(cls)}
+    given = {name: getattr(args, f"setting_{name}") for name in args.setting_flags
+             if getattr(args, f"setting_{name}") is not None}
+    stray = [name for name in given if name not in own]
+    if stray:
+        mine = ", ".join(args.setting_flags[n] for n in own) or "none"
+        raise ValueError(f"{args.setting_flags[stray[0]]} does nothing with --compressor {args.compressor} "
+                         f"(its settings: {mine}); leave it out or choose the policy it belongs to")
+    try:
+        compressor = build_compressor(args.compressor,
+                                      {name: _parse(own[name], text, args.setting_flags[name])
+                                       for name, text in given.items()})
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    missing = compressor.missing_input()
+    if missing:
+        raise ValueError(missing)
+    return compressor
+
+
+def _parse(setting: Setting, text: str, flag: str):
+    """A flag's text as the setting's type: a tuple is comma-separated ('0,1'), a bool true/false."""
+    def one(kind, item):
+        if kind is bool:
+            if item.lower() not in ("true", "false"):
+                raise ValueError(f"{flag} takes true or false, got {item!r}")
+            return item.lower() == "true"
+        try:
+            return kind(item)
+        except ValueError:
+            raise ValueError(f"{flag} takes {'an' if kind is int else 'a'} {kind.__name__}, got {item!r}") from None
+
+    if setting.optional and text.lower() == "none":
+        return None
+    if setting.is_sequence:
+        return tuple(one(setting.element, item) for item in text.split(",") if item.strip())
+    return one(setting.kind, text)
+
+
+def _shown(default) -> str:
+    if default is dataclasses.MISSING:
+        return "required"
+    if isinstance(default, tuple):
+        return ",".join(map(str, default)) or "none"
+    return str(default)
+
+
+def _metavar(setting: Setting) -> str:
+    if setting.is_sequence:
+        return f"{setting.element.__name__.upper()},..."
+    return setting.kind.__name__.upper()
 
 
 def run_cli(main, argv=None) -> int:

@@ -120,15 +120,18 @@ class Pythia(nn.Module):
         device and dtype (row for row the values rotary_cos_sin gives): a decode step then costs a slice."""
         end = start + length
         table = self._rotary_table
-        if table is None or table[0].size(0) < end or table[0].dtype != dtype or table[0].device != device:
+        stale = table is None or table[0].size(0) < end or table[0].dtype != dtype or table[0].device != device
+        # A table made under inference_mode cannot be used by a forward that autograd records.
+        if stale or (table[0].is_inference() and not torch.is_inference_mode_enabled()):
             size = max(self.config.max_position_embeddings, 2 * end if table is not None else end)
             table = self._rotary_table = rotary_cos_sin(self.config, 0, size, device, dtype)
         return table[0][start:end], table[1][start:end]
 
-    def new_cache(self, batch_size: int = 1, compressor=None, decode_interval: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int = 1, compressor=None, decode_interval: int | None = None,
+                  record_queries: bool = False) -> KVCache:
         p = self.embed_in.weight
         return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
-                       decode_interval=decode_interval)
+                       decode_interval=decode_interval, record_queries=record_queries)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only.
@@ -149,12 +152,15 @@ class Pythia(nn.Module):
             x = x[:, -1:]  # the LM head is a third of the FLOPs at 70m: skip it where no logits are needed
         return self.embed_out(self.final_layer_norm(x))
 
-    def choose_weight_layout(self):
-        """Decoding one token reads every weight once, so its speed is how fast the weights stream in.
-        On CPU in float32 the 50304x512 LM head streams at about twice the rate (26 vs 13 GB/s measured
-        here) when its (vocab, hidden) tensor is stored column-major, i.e. as the (hidden, vocab) matrix
-        that `x @ W.T` reads row by row. The layers' small matrices gain nothing, and bfloat16 ran 10x
-        slower that way, so only this one tensor changes: same shape, same values, other strides."""
+    def for_inference(self) -> "Pythia":
+        """The explicit step before decoding: eval mode, no gradients, and the weight layout that decodes fastest.
+
+        Decoding one token reads every weight once, so its speed is how fast the weights stream in. On CPU
+        in float32 the 50304x512 LM head streams at about twice the rate when its (vocab, hidden) tensor is
+        stored column-major, i.e. as the (hidden, vocab) matrix that `x @ W.T` reads row by row (docs/speed.md).
+        Only that tensor changes: same shape, same values, other strides. Training wants none of this, so the
+        loader leaves it to the caller."""
+        self.eval().requires_grad_(False)
         head = self.embed_out.weight
         if head.device.type == "cpu" and head.dtype == torch.float32 and head.is_contiguous():
             self.embed_out.weight = nn.Parameter(head.detach().t().contiguous().t(), requires_grad=False)

@@ -236,8 +236,6 @@ def main(argv=None) -> int:
         model = Pythia.from_pretrained(args.init_from).train()
         if model.config != config:
             raise ValueError(f"--init-from {args.init_from} has another shape than the options ask for")
-        for p_ in model.parameters():  # loaded for inference; this is training
-            p_.requires_grad_(True)
     else:
         model = Pythia(config).init_weights(seed=args.seed)
     if args.wire_induction:  # on resume the saved state below replaces these weights anyway

@@ -23,6 +23,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 # trained and ship (see weights/tiny-pg19/README.md), so every command runs offline.
 DEFAULT_MODEL = "EleutherAI/pythia-70m-deduped"
 EMBEDDED_MODEL = WEIGHTS_DIR / "tiny-pg19"
+# The dtypes a model can be loaded in, by name (float16 overflows in Pythia's attention).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HUB_FILES = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]
 
 # Buffers the published files carry that the model recomputes or does not need: the causal mask, its
@@ -125,7 +127,7 @@ def load_pretrained(cls, source, dtype=torch.float32, device="cpu", revision=Non
     if missing:
         raise ValueError(f"{directory}: checkpoint lacks {len(missing)} tensor(s), first {missing[0]!r}")
     model.load_state_dict(state, assign=True)
-    return model.eval().choose_weight_layout()
+    return model.eval()
 
 
 def save_pretrained(model, directory: str | Path, dtype=torch.float16):

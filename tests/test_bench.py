@@ -38,23 +38,12 @@ def test_bench_rejects_an_unknown_dtype(tiny_checkpoint, tmp_path):
         main(["bench", "--model", str(tiny_checkpoint), "--dtypes", "float16", "--out", str(tmp_path)])
 
 
-def load_alternatives():
-    """bench/alternatives.py, the variants measured for issue 3 and not shipped (a script, not a module)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "bench" / "alternatives.py"
-    spec = importlib.util.spec_from_file_location("alternatives", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @torch.inference_mode()
 def test_the_measured_alternatives_compute_the_shipped_logits(tiny_checkpoint):
     """A speed comparison means something only if each variant computes the same function."""
-    alternatives = load_alternatives()
-    shipped = Pythia.from_pretrained(tiny_checkpoint)
+    from eval.bench import alternatives
+
+    shipped = Pythia.from_pretrained(tiny_checkpoint).for_inference()
     ids = torch.randint(0, shipped.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     reference = shipped(ids)
     column_major = alternatives.column_major_layers(Pythia.from_pretrained(tiny_checkpoint))

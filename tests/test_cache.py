@@ -17,7 +17,7 @@ COMPRESSORS = {
 
 @pytest.fixture(scope="module", params=[True, False], ids=["parallel", "sequential"])
 def model(request, reference_checkpoint):
-    return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, request.param)[1])
+    return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, request.param)[1]).for_inference()
 
 
 def prompt(model, batch, length, seed=0):
@@ -117,7 +117,7 @@ def entry_bytes(model, dtype):
 @pytest.mark.parametrize("compressor", COMPRESSORS)
 @torch.no_grad()
 def test_compression_frees_memory(reference_checkpoint, compressor, dtype):
-    model = Pythia.from_pretrained(reference_checkpoint("tiny")[1], dtype=dtype)
+    model = Pythia.from_pretrained(reference_checkpoint("tiny")[1], dtype=dtype).for_inference()
     B, L, H = 2, 40, model.config.num_attention_heads
     comp = COMPRESSORS[compressor]()
     cache = model.new_cache(B, compressor=comp)

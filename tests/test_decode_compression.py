@@ -20,7 +20,6 @@ from eval.results import read_jsonl
 from eval.stream import segments, stream_nll
 from minipythia import (H2O, TOVA, Compressor, KnormPress, KVCache, NoCompression, Oracle, Pythia, PythiaConfig,
                         PyramidKV, RandomEviction, SnapKV, StreamingLLM, generate)
-from minipythia.cache import decode_query_window
 from minipythia.cli import run_cli
 from minipythia.compressors import h2o as h2o_module
 
@@ -42,7 +41,7 @@ EVICTING = [name for name in POLICIES if name != "none"]
 
 @pytest.fixture(scope="module")
 def model(reference_checkpoint):
-    return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1])  # 2 layers, 256 positions
+    return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1]).for_inference()  # 2 layers, 256 positions
 
 
 def ids(model, B, T, seed):
@@ -152,11 +151,11 @@ def random_qkv(B, H, T, D, seed):
 @pytest.mark.parametrize("name", ["snapkv", "tova", "h2o"])
 def test_policies_score_with_the_newest_queries_of_the_last_entries(monkeypatch, name):
     """At each decode-time trigger, score() gets the cache's entries and the queries of its last W
-    entries, which are the W newest tokens (W = decode_query_window: SnapKV's window, 1 for TOVA, H2O's
-    recent tokens)."""
+    entries, which are the W newest tokens (W = the policy's decode_queries(): SnapKV's window, 1 for TOVA,
+    H2O's recent tokens)."""
     B, H, D = 2, 3, 8
     policy = POLICIES[name](C)
-    W = decode_query_window(policy)
+    W = policy.decode_queries()
     assert W == {"snapkv": 4, "tova": 1, "h2o": C // 2}[name]
     config = PythiaConfig(vocab_size=8, hidden_size=H * D, num_hidden_layers=1, num_attention_heads=H,
                           intermediate_size=8)
@@ -199,12 +198,15 @@ def test_h2o_with_the_last_queries_sums_only_their_attention(monkeypatch, chunk)
 
 @dataclass
 class Recent(Compressor):
-    """The README's example policy: registered nowhere, so decode-time compression does not know it."""
+    """A policy that does not say which queries it reads during decoding (no decode_queries())."""
     name = "recent"
     budget: int = 8
 
     def keep_count(self, layer, seq_len):
         return min(seq_len, self.budget)
+
+    def score(self, layer, keys, values, queries):
+        return torch.arange(keys.size(2), dtype=torch.float32).expand(keys.shape[:3])
 
 
 @pytest.mark.parametrize("make,message", [
@@ -213,7 +215,7 @@ class Recent(Compressor):
     (lambda n: PyramidKV(window_size=4, max_capacity_prompt=16, num_layers=n), "pyramidkv cannot compress during "
                                                                                "decoding: .*prompt's length"),
     (lambda n: KnormPress(compression_ratio=0.5), "knorm cannot compress during decoding: .*no fixed budget"),
-    (lambda n: Recent(), "recent cannot compress during decoding: .*decode_query_window"),
+    (lambda n: Recent(), "recent cannot compress during decoding: .*overrides Compressor.decode_queries"),
 ])
 def test_policies_that_make_no_sense_during_decoding_are_refused(model, make, message):
     policy = make(model.config.num_hidden_layers)
@@ -221,6 +223,8 @@ def test_policies_that_make_no_sense_during_decoding_are_refused(model, make, me
         model.new_cache(1, policy, decode_interval=4)
     with pytest.raises(ValueError, match=message):
         generate(model, [1, 2, 3], max_new_tokens=2, compressor=policy, decode_interval=4)
+    if isinstance(policy, Oracle):
+        policy.future_queries = {0: torch.zeros(1, 1, 1, 1)}  # what it needs before it can compress at all
     model.new_cache(1, policy)  # still fine once, at the end of the prefill
 
 
@@ -312,15 +316,19 @@ def test_eval_ppl_stream_mode_writes_records_and_resumes(tiny_checkpoint, tmp_pa
     stream = ["--mode", "stream", "--decode-interval", "4"]
     assert run_cli(eval_main, common + stream) == 0
     assert run_cli(eval_main, common + stream + ["--compressor", "streaming_llm", "--max-capacity-prompt", "16"]) == 0
-    assert run_cli(eval_main, common) == 0  # the window mode beside it, in the same file
-    records = read_jsonl(out / "ppl.jsonl")
+    windows = [*common[:-1], str(tmp_path / "windows")]  # another setup: another folder
+    assert run_cli(eval_main, windows) == 0
+    records = [*read_jsonl(out / "none" / "ppl.jsonl"), *read_jsonl(out / "streaming_llm_sink4_c16" / "ppl.jsonl"),
+               *read_jsonl(tmp_path / "windows" / "none" / "ppl.jsonl")]
     assert [(r["mode"], r["label"], r.get("decode_interval"), r["stride"]) for r in records] == [
         ("stream", "none", 4, None), ("stream", "streaming_llm_sink4_c16", 4, None), ("window", "none", None, 16)]
     assert [r["tokens"] for r in records] == [99, 99, 99]
     assert records[1]["kept_per_head"] == 16 and records[1]["nll_sum"] != records[0]["nll_sum"]
     capsys.readouterr()
     assert run_cli(eval_main, common + stream) == 0  # a rerun skips what is there
-    assert "skipped" in capsys.readouterr().err and len(read_jsonl(out / "ppl.jsonl")) == 3
+    assert "skipped" in capsys.readouterr().err and len(read_jsonl(out / "none" / "ppl.jsonl")) == 1
+    assert run_cli(eval_main, common) == 2  # the window mode refused in the stream's folder
+    assert "other settings" in capsys.readouterr().err
 
     for extra, message in [(["--decode-interval", "4"], "applies to --mode stream"),
                            (["--mode", "stream", "--stride", "8"], "--stride applies to --mode window"),

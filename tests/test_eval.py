@@ -3,6 +3,7 @@ JSONL results with resume, and the `python -m eval` commands on a tiny random ch
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -52,7 +53,7 @@ def hf_sliding_window_nll(hf, ids: torch.Tensor, ctx_len: int, stride: int) -> t
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
-    return Pythia.from_pretrained(tiny_checkpoint).eval()
+    return Pythia.from_pretrained(tiny_checkpoint).for_inference()
 
 
 def ids_of(n: int, seed: int = 0) -> torch.Tensor:
@@ -95,7 +96,7 @@ def test_windows_score_each_token_once(n, ctx_len, stride):
 def test_nll_matches_hf_sliding_window(tiny_hf_and_checkpoint, n, ctx_len, stride):
     """THE parity: per-token NLLs equal those of transformers running HF's loop on the same weights."""
     hf, checkpoint = tiny_hf_and_checkpoint
-    model = Pythia.from_pretrained(checkpoint).eval()
+    model = Pythia.from_pretrained(checkpoint).for_inference()
     ids = ids_of(n)
     ours = sliding_window_nll(model, ids, ctx_len, stride)
     reference = hf_sliding_window_nll(hf, ids, ctx_len, stride)
@@ -169,7 +170,10 @@ def test_run_ppl_writes_records_and_resume_skips_them(tiny, tmp_path, monkeypatc
     books = [("a", "a.txt", ids_of(150, 1)), ("b", "b.txt", ids_of(100, 2))]
     meta = dict(model="tiny", revision=None, dtype="float32")
     configs = [NoCompression(), KnormPress(0.5)]
-    first = run_ppl(tiny, books, configs, tmp_path, meta, 64, 32, None)
+    def path_of(c):
+        return tmp_path / "ppl.jsonl"
+
+    first = run_ppl(tiny, books, configs, meta, 64, 32, None, path_of)
     lines = read_jsonl(tmp_path / "ppl.jsonl")
     assert len(lines) == 4 and lines == first
     assert PPL_FIELDS <= set(lines[0])
@@ -180,12 +184,12 @@ def test_run_ppl_writes_records_and_resume_skips_them(tiny, tmp_path, monkeypatc
         raise AssertionError("a finished (book, config) was computed again")
 
     monkeypatch.setattr("eval.ppl.sliding_window_nlls", fail)
-    assert run_ppl(tiny, books, configs, tmp_path, meta, 64, 32, None) == first
+    assert run_ppl(tiny, books, configs, meta, 64, 32, None, path_of) == first
     assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 4
     monkeypatch.undo()
     with open(tmp_path / "ppl.jsonl", "a") as f:
         f.write('{"book": "cut off by a kill')  # an interrupted write: ignored, and the next record starts afresh
-    run_ppl(tiny, books, [SnapKV(window_size=4, max_capacity_prompt=16)], tmp_path, meta, 64, 32, None)
+    run_ppl(tiny, books, [SnapKV(window_size=4, max_capacity_prompt=16)], meta, 64, 32, None, path_of)
     assert [r["label"] for r in read_jsonl(tmp_path / "ppl.jsonl")][4:] == ["snapkv_w4_c16_k5_avgpool"] * 2
 
 
@@ -236,12 +240,13 @@ def test_real_pg19_books_load_and_tokenize():
 # --- the command line -----------------------------------------------------------------------------------------
 
 
-def test_ppl_cli_writes_jsonl_and_resumes(tiny_checkpoint, books_dir, tmp_path, capsys):
+def test_ppl_cli_writes_the_sweep_layout_and_resumes(tiny_checkpoint, books_dir, tmp_path, capsys):
     args = ["ppl", "--model", tiny_checkpoint, "--data", books_dir, "--books", "2", "--max-tokens", "150",
             "--ctx-len", "64", "--stride", "32", "--out", tmp_path]
     r = run_eval(*args, "--compressor", "snapkv", "--window-size", "4", "--max-capacity-prompt", "16")
     assert r.returncode == 0, r.stderr
-    records = read_jsonl(tmp_path / "ppl.jsonl")
+    folder = tmp_path / "snapkv_w4_c16_k5_avgpool"
+    records = read_jsonl(folder / "ppl.jsonl")
     assert [(x["book"], x["label"], x["tokens"]) for x in records] == [("alpha", "snapkv_w4_c16_k5_avgpool", 149),
                                                                       ("beta", "snapkv_w4_c16_k5_avgpool", 149)]
     assert PPL_FIELDS <= set(records[0]) and records[0]["max_tokens"] == 150
@@ -249,7 +254,19 @@ def test_ppl_cli_writes_jsonl_and_resumes(tiny_checkpoint, books_dir, tmp_path, 
     # the rerun in-process (same code path, without a second interpreter start)
     argv = [str(a) for a in args] + ["--compressor", "snapkv", "--window-size", "4", "--max-capacity-prompt", "16"]
     assert run_cli(main, argv) == 0
-    assert "skipped" in capsys.readouterr().err and len(read_jsonl(tmp_path / "ppl.jsonl")) == 2
+    assert "already complete" in capsys.readouterr().err and len(read_jsonl(folder / "ppl.jsonl")) == 2
+    # Another compressor into the same folder: the folder keeps both, and its report shows both.
+    assert run_cli(main, [str(a) for a in args] + ["--compressor", "knorm"]) == 0
+    assert [c["label"] for c in json.loads((tmp_path / "sweep.json").read_text())["configs"]] == [
+        "snapkv_w4_c16_k5_avgpool", "knorm_r0.5"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| snapkv_w4_c16_k5_avgpool | 2 | 298 |" in report and "| knorm_r0.5 | 2 | 298 |" in report
+    # The YAML kept with the results runs the same configuration as a sweep, into a folder of its own.
+    text = json.loads((tmp_path / "sweep.json").read_text())["config_text"]
+    (tmp_path / "same.yaml").write_text(text)
+    assert run_cli(main, ["sweep", str(tmp_path / "same.yaml"), "--out", str(tmp_path / "again")]) == 0
+    assert read_jsonl(tmp_path / "again" / "knorm_r0.5" / "ppl.jsonl")[0]["nll_sum"] == \
+        read_jsonl(tmp_path / "knorm_r0.5" / "ppl.jsonl")[0]["nll_sum"]
 
 
 def test_speed_cli_with_hf(tiny_checkpoint, books_dir, tmp_path):
@@ -257,48 +274,22 @@ def test_speed_cli_with_hf(tiny_checkpoint, books_dir, tmp_path):
                  "--compressor", "snapkv", "--window-size", "4", "--max-capacity-prompt", "16", "--data", books_dir,
                  "--hf", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
-    rows = read_jsonl(tmp_path / "speed.jsonl")
+    rows = read_jsonl(tmp_path / "none" / "speed.jsonl") + read_jsonl(tmp_path / "snapkv_w4_c16_k5_avgpool" /
+                                                                      "speed.jsonl")
     assert [(x["engine"], x["label"], x["prompt_len"]) for x in rows] == [
-        ("minipythia", "none", 32), ("minipythia", "snapkv_w4_c16_k5_avgpool", 32),
-        ("minipythia", "none", 64), ("minipythia", "snapkv_w4_c16_k5_avgpool", 64),
-        ("transformers", "none", 32), ("transformers", "none", 64)]
-    none, snap = rows[2], rows[3]
+        ("minipythia", "none", 32), ("minipythia", "none", 64),
+        ("transformers", "none", 32), ("transformers", "none", 64),
+        ("minipythia", "snapkv_w4_c16_k5_avgpool", 32), ("minipythia", "snapkv_w4_c16_k5_avgpool", 64)]
+    none, snap = rows[1], rows[5]
+    assert snap["reference"]["kv_prefill_bytes"] == none["kv_prefill_bytes"]
     assert snap["kv_prefill_bytes"] == none["kv_prefill_bytes"] == none["kv_compressed_bytes"]
     assert snap["kv_compressed_bytes"] < snap["kv_prefill_bytes"]
     assert snap["kept_after_prefill"] == 16 and none["kept_after_prefill"] == 64 and snap["compress_ms"] > 0
     assert snap["kv_end_bytes"] > snap["kv_compressed_bytes"]
     assert all(x["ttft_ms"] > 0 and x["tpot_ms"] > 0 and len(x["tokens"]) == 6 for x in rows)
-    assert all(x["same_tokens"] for x in rows[4:])  # transformers' greedy tokens equal ours
+    assert all(x["same_tokens"] for x in rows[2:4])  # transformers' greedy tokens equal ours
     assert rows[0]["prompt_source"].startswith("text") and "TPOT ms" in r.stdout
-
-
-def test_suite_cli_runs_resumes_and_reports(tiny_checkpoint, books_dir, tmp_path, capsys):
-    args = ["suite", "--model", tiny_checkpoint, "--data", books_dir, "--books", "2", "--max-tokens", "120",
-            "--ctx-len", "64", "--stride", "32", "--prompt-lens", "32,64", "--new-tokens", "6", "--repeats", "1",
-            "--out", tmp_path]
-    r = run_eval(*args)
-    assert r.returncode == 0, r.stderr
-    assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 12 and len(read_jsonl(tmp_path / "speed.jsonl")) == 6
-    report = (tmp_path / "report.md").read_text()
-    for label in ("none", "knorm_r0.5", "knorm_r0.75", "snapkv_w32_c256_k5_avgpool", "snapkv_w32_c1024_k5_avgpool"):
-        assert f"| {label} |" in report
-    assert "python -m eval suite --model" in report and "TPOT ms" in report and str(tiny_checkpoint) in report
-    assert run_cli(main, [str(a) for a in args]) == 0  # the rerun, in-process
-    assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 12
-    assert len(read_jsonl(tmp_path / "speed.jsonl")) == 6 and "speed: a complete run" in capsys.readouterr().err
-    report = (tmp_path / "report.md").read_text()
-    assert "- run 2:" in report
-    (tmp_path / "report.md").unlink()
-    assert run_cli(main, ["report", str(tmp_path)]) == 0 and (tmp_path / "report.md").read_text() == report
-
-
-def test_suite_without_data_still_measures_speed(tiny_checkpoint, tmp_path):
-    r = run_eval("suite", "--model", tiny_checkpoint, "--data", tmp_path / "no-such-dir", "--prompt-lens", "32",
-                 "--new-tokens", "6", "--repeats", "1", "--out", tmp_path / "out")
-    assert r.returncode == 0, r.stderr
-    report = (tmp_path / "out" / "report.md").read_text()
-    assert "No PPL" in report and "--data DIR" in report and "random token ids" in report
-    assert not (tmp_path / "out" / "ppl.jsonl").exists()
+    assert not list(tmp_path.glob("*/ppl.jsonl"))  # the books gave the prompts: no PPL was asked for
 
 
 def test_bad_input_is_one_error_line_and_exit_code_2(tiny_checkpoint, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minipythia import KnormPress, Pythia, SnapKV, generate
-from minipythia.generation import sample
+from minipythia.generate import sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def hf_and_model(tiny_hf_and_checkpoint):
     hf, ckpt = tiny_hf_and_checkpoint
-    return hf, Pythia.from_pretrained(ckpt)
+    return hf, Pythia.from_pretrained(ckpt).for_inference()
 
 
 def test_greedy_32_tokens_equal_transformers_generate(hf_and_model):

@@ -33,7 +33,7 @@ def pair(reference_checkpoint):
             hf, directory = reference_checkpoint(shape, rotary_pct, parallel)
             if dtype != torch.float32:
                 hf = copy.deepcopy(hf).to(dtype)
-            loaded[key] = hf, Pythia.from_pretrained(directory, dtype=dtype)
+            loaded[key] = hf, Pythia.from_pretrained(directory, dtype=dtype).for_inference()
         return loaded[key]
 
     return get

@@ -236,7 +236,7 @@ def test_oracle_without_future_queries_says_what_to_do():
 
 @pytest.fixture(scope="module")
 def model(reference_checkpoint):
-    return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1])
+    return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1]).for_inference()
 
 
 def ids(model, B, T, seed):
@@ -347,8 +347,10 @@ def test_policy_end_to_end_then_decoding(model, name):
     (lambda: TOVA(max_capacity_prompt=0), "max_capacity_prompt must be >= 1"),
     (lambda: RandomEviction(seed=-1), "seed must be >= 0"),
     (lambda: RandomEviction(max_capacity_prompt=0), "max_capacity_prompt must be >= 1"),
-    (lambda: PyramidKV(), "num_layers must be the model's number of layers"),
+    (lambda: PyramidKV().keep_count(0, 600), "need the model's depth"),
     (lambda: PyramidKV(num_layers=0), "num_layers"),
+    (lambda: PyramidKV(num_layers=4).for_model(PythiaConfig(num_hidden_layers=6)), "the model has 6 layers"),
+    (lambda: KnormPress(skip_layers=(0, 6)).for_model(PythiaConfig(num_hidden_layers=6)), r"skip_layers \[6\]"),
     (lambda: PyramidKV(num_layers=6, beta=0), "beta must be >= 1"),
     (lambda: PyramidKV(num_layers=6, window_size=64, max_capacity_prompt=64), "smaller than max_capacity_prompt"),
     (lambda: PyramidKV(num_layers=6, kernel_size=4), "odd"),
@@ -377,19 +379,37 @@ def test_registry_and_labels():
     ("--compressor streaming_llm --n-sink 2 --max-capacity-prompt 64", StreamingLLM(n_sink=2, max_capacity_prompt=64)),
     ("--compressor h2o --recent-ratio 0.25 --max-capacity-prompt 64", H2O(max_capacity_prompt=64, recent_ratio=0.25)),
     ("--compressor tova --max-capacity-prompt 64", TOVA(max_capacity_prompt=64)),
-    ("--compressor random --compressor-seed 3", RandomEviction(seed=3)),
+    ("--compressor random --seed 3", RandomEviction(seed=3)),
     ("--compressor pyramidkv --window-size 8 --max-capacity-prompt 64 --kernel-size 3 --beta 10",
-     PyramidKV(window_size=8, max_capacity_prompt=64, kernel_size=3, beta=10, num_layers=2)),  # from config.json
+     PyramidKV(window_size=8, max_capacity_prompt=64, kernel_size=3, beta=10)),  # num_layers: from the model
+    ("--compressor knorm --compression-ratio 0.25 --skip-layers 0,1", KnormPress(0.25, skip_layers=(0, 1))),
+    ("--compressor snapkv --pooling maxpool", SnapKV(pooling="maxpool")),
 ])
 def test_cli_options_build_each_policy(tiny_checkpoint, options, expected):
     from minipythia.cli import add_compressor_args, add_model_args, compressor_from_args
 
     parser = argparse.ArgumentParser()
     add_model_args(parser)
-    add_compressor_args(parser)
-    args = parser.parse_args(["--model", str(tiny_checkpoint), *options.split()])
+    argv = ["--model", str(tiny_checkpoint), *options.split()]
+    add_compressor_args(parser, argv)
+    args = parser.parse_args(argv)
     assert compressor_from_args(args) == expected
     assert args.model == str(tiny_checkpoint)  # left as given
+
+
+@pytest.mark.parametrize("options,message", [
+    ("--compressor knorm --window-size 8", "--window-size does nothing with --compressor knorm"),
+    ("--compressor snapkv --max-capacity-prompt 256.5", "--max-capacity-prompt takes an int"),
+    ("--compressor snapkv --pooling mean", "pooling must be one of 'avgpool', 'maxpool'"),
+    ("--compressor oracle", "the oracle needs the queries of the tokens that come after the prompt"),
+])
+def test_cli_options_that_cannot_apply_are_errors(options, message):
+    from minipythia.cli import add_compressor_args, compressor_from_args
+
+    parser = argparse.ArgumentParser()
+    add_compressor_args(parser, options.split())
+    with pytest.raises(ValueError, match=message):
+        compressor_from_args(parser.parse_args(options.split()))
 
 
 def run_generate(*args):
@@ -408,4 +428,4 @@ def test_cli_generates_with_a_new_policy(tiny_checkpoint):
 def test_cli_refuses_the_oracle(tiny_checkpoint):
     r = run_generate("--model", str(tiny_checkpoint), "--prompt", "hi", "--compressor", "oracle")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "the oracle needs the tokens that come after the prompt" in r.stderr
+    assert "the oracle needs the queries of the tokens that come after the prompt" in r.stderr

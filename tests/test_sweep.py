@@ -22,7 +22,7 @@ from eval.grid import ConfigError, expand, parse_spec
 from eval.ppl import sliding_window_nll
 from eval.report import write_report
 from eval.results import append_jsonl, read_jsonl
-from minipythia import KnormPress, Pythia, SnapKV, Tokenizer
+from minipythia import KnormPress, Pythia, PythiaConfig, SnapKV, Tokenizer
 from minipythia.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +36,9 @@ def spec_of(text: str):
 # --- the grid --------------------------------------------------------------------------------------------------
 
 
+SIX_LAYERS = PythiaConfig(num_hidden_layers=6)
+
+
 def test_grid_is_the_cartesian_product_of_each_entry():
     spec = spec_of("""
 policies:
@@ -44,7 +47,7 @@ policies:
      pooling: [avgpool, maxpool]}
   - {compressor: knorm, compression_ratio: [0.5, 0.75]}
 """)
-    grid = expand(spec.policies)
+    grid = expand(spec.policies, SIX_LAYERS)
     labels = [c.label for c in grid.configs]
     assert len(labels) == 1 + 3 * 3 * 3 * 2 + 2 and len(set(labels)) == len(labels) and grid.skipped == []
     assert labels[:3] == ["none", "snapkv_w16_c256_k3_avgpool", "snapkv_w16_c256_k3_maxpool"]
@@ -60,7 +63,7 @@ policies:
   - {compressor: knorm, compression_ratio: 0.5, skip_layers: [[], [0]]}   # a list of lists: an axis
   - {compressor: pyramidkv, max_capacity_prompt: 64, window_size: 8}
 """)
-    grid = expand(spec.policies, {"num_layers": 6})
+    grid = expand(spec.policies, SIX_LAYERS)
     assert [c.label for c in grid.configs] == ["knorm_r0.5", "knorm_r0.5_skip0", "pyramidkv_w8_c64_k5_avgpool_beta20_layers6"]
     # ratio 1 is rejected by KnormPress itself (it allows [0, 1)): skipped, with its reason
     assert len(grid.skipped) == 1 and "compression_ratio" in grid.skipped[0]["reason"]
@@ -75,7 +78,7 @@ policies:
   - {compressor: snapkv, window_size: [32, 64], max_capacity_prompt: [64, 512], kernel_size: [4, 5]}
   - {compressor: knorm, compression_ratio: [0.5, 0.5]}
 """)
-    grid = expand(spec.policies)
+    grid = expand(spec.policies, SIX_LAYERS)
     assert [c.label for c in grid.configs] == ["snapkv_w32_c64_k5_avgpool", "snapkv_w32_c512_k5_avgpool",
                                                "snapkv_w64_c512_k5_avgpool", "knorm_r0.5"]
     reasons = {json.dumps(s["settings"]): s["reason"] for s in grid.skipped}
@@ -91,7 +94,7 @@ policies:
     ("policies: [{compressor: none}\n", "invalid YAML at line"),
     ("policies: [{compressor: nonesuch}]", "unknown compressor 'nonesuch'; registered: none"),
     ("policies: [{compressor: snapkv, window: 4}]", "snapkv has no setting 'window'; its settings: window_size"),
-    ("policies: [{compressor: snapkv, window_size: '32'}]", "window_size must be of type int"),
+    ("policies: [{compressor: snapkv, window_size: '32'}]", "snapkv.window_size must be an int"),
     ("policies: [{compressor: snapkv, window_size: []}]", "empty list"),
     ("policies: []", "policies must be a non-empty list"),
     ("stride: 0\npolicies: [{compressor: none}]", "stride must be int >= 1"),
@@ -197,7 +200,7 @@ def test_a_folder_per_configuration_with_its_config_and_results(swept):
 
 def test_per_token_nlls_in_a_sweep_equal_running_the_config_alone(swept, tiny_checkpoint, books_dir):
     root, nlls = swept
-    model = Pythia.from_pretrained(tiny_checkpoint).eval()
+    model = Pythia.from_pretrained(tiny_checkpoint).for_inference()  # as the sweep loads it
     books = tokenized_books(load_books(str(books_dir)), Tokenizer.from_pretrained(tiny_checkpoint), 112)
     for config in (KnormPress(0.5), SnapKV(window_size=4, max_capacity_prompt=16)):
         for name, _, ids in books:

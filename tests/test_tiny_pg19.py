@@ -20,7 +20,7 @@ CTX, STRIDE, BUDGET = 1024, 256, 256
 
 @pytest.fixture(scope="module")
 def model():
-    return Pythia.from_pretrained(EMBEDDED_MODEL)
+    return Pythia.from_pretrained(EMBEDDED_MODEL).for_inference()
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,29 @@ def test_published_layout_loads_every_parameter(published):
     assert not any(t.is_meta for t in model.state_dict().values())
 
 
+def test_the_loader_leaves_a_trainable_model_and_for_inference_is_explicit(published):
+    model = Pythia.from_pretrained(published[1])
+    assert all(p.requires_grad for p in model.parameters())  # training starts from it as it is
+    assert model.embed_out.weight.is_contiguous()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    before = model(ids).detach()
+    model.for_inference()
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not model.embed_out.weight.is_contiguous()  # stored column-major: same tensor, other strides
+    assert (model(ids) - before).abs().max() < 1e-5
+
+
+def test_a_forward_with_autograd_after_generate(published):
+    """generate() runs under inference_mode; what it caches (the rotary table) must not break a later
+    forward that autograd records."""
+    from minipythia import generate
+
+    model = Pythia.from_pretrained(published[1])
+    generate(model, [1, 2, 3], max_new_tokens=2)
+    model(torch.tensor([[1, 2]])).sum().backward()
+    assert model.embed_out.weight.grad is not None
+
+
 def test_bfloat16_loads_the_rounded_weights(published):
     _, checkpoint = published
     fp32, bf16 = Pythia.from_pretrained(checkpoint), Pythia.from_pretrained(checkpoint, dtype=torch.bfloat16)

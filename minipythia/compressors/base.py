@@ -1,12 +1,21 @@
-"""The interface every KV-cache compression policy implements.
+"""The interface every KV-cache compression policy implements, and the pieces policies share.
 
-A policy says how many entries a layer keeps per head (`keep_count`) and scores each cached entry
-(`score`, higher = keep). The cache does the rest in one shared step: top-k per (batch, head), kept in
-position order, gathered into new tensors (see `KVCache.compress`).
+A policy is a dataclass whose fields are its settings. It says how many entries a layer keeps per head
+(`keep_count`) and scores each cached entry (`score`, higher = keep). The cache does the rest in one
+shared step: top-k per (batch, head), kept in position order, gathered into new tensors
+(`KVCache.compress`). Everything else the system needs to know about a policy is declared here, on its
+class: which recent queries it reads when it compresses during decoding (`decode_queries`), settings
+derived from the model (`for_model`), data it still needs before it can run (`missing_input`), the
+short names of its settings in labels (`label_names`). The settings' types are the fields' annotations:
+they are checked on construction, and the CLI flags and sweep YAML keys come from them
+(`minipythia.compressors.registry`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
@@ -16,14 +25,49 @@ import torch
 @dataclass
 class Compressor:
     name: ClassVar[str]
+    # Short names of settings in labels ("" shows the value alone); merged with those of the parent classes.
+    label_names: ClassVar[dict[str, str]] = {}
+    # Why the policy cannot compress during decoding; a policy that can overrides decode_queries() instead.
+    cannot_decode: ClassVar[str] = ("it does not say which of the newest queries its score() reads (a policy that "
+                                    "can compress during decoding overrides Compressor.decode_queries)")
+
+    def __post_init__(self):
+        for setting in settings_of(type(self)):
+            setattr(self, setting.name, setting.check(getattr(self, setting.name), self.name))
+        self.validate()
+
+    def validate(self):
+        """Raises ValueError on settings of the right type that the policy cannot use (an even kernel, ...)."""
 
     def keep_count(self, layer: int, seq_len: int) -> int:
         """Entries to keep per head in `layer` when the prefill left `seq_len`; >= seq_len keeps all."""
         raise NotImplementedError
 
     def score(self, layer: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """keys, values (B, nh, L, hs) and the prefill's queries (B, nh, L, hs), after rotary -> (B, nh, L)."""
+        """keys, values (B, nh, L, hs), after rotary, and queries (B, nh, Q, hs) -> scores (B, nh, L).
+
+        At the prefill the queries are the prompt's (Q = L); when the cache compresses during decoding they
+        are the layer's Q = decode_queries() newest ones, those of its last Q entries."""
         raise NotImplementedError
+
+    def decode_queries(self) -> int:
+        """How many of a layer's newest queries score() reads when the cache compresses during decoding
+        (KVCache decode_interval); the cache keeps that many. Raises ValueError, saying why, for a policy
+        whose budget or scores only mean something for a whole prompt."""
+        from .registry import decoding_policies  # the registry imports this module
+
+        raise ValueError(f"{self.name} cannot compress during decoding: {self.cannot_decode}. Use "
+                         f"{', '.join(decoding_policies())}, or leave decode_interval unset")
+
+    def for_model(self, config) -> None:
+        """Called with the model's PythiaConfig before the compressor is used (by the cache, and by sweeps
+        before they name their folders): fills settings derived from the model, rejects those that do not
+        fit it (ValueError)."""
+
+    def missing_input(self) -> str | None:
+        """What the compressor still needs before it can compress, beyond its settings (None: nothing).
+        The CLIs and sweeps check it before any work."""
+        return None
 
     def settings(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -31,17 +75,108 @@ class Compressor:
     @property
     def label(self) -> str:
         """A short name for tables and folder names, e.g. 'snapkv_w32_c512_k5_avgpool'."""
-        parts = [self.name] + [_short(k, v) for k, v in self.settings().items() if v not in ((), [], None)]
+        names = {}
+        for cls in reversed(type(self).__mro__):
+            names.update(cls.__dict__.get("label_names", {}))
+        parts = [self.name]
+        for key, value in self.settings().items():
+            if value in ((), [], None):
+                continue
+            if isinstance(value, list):
+                value = "-".join(map(str, value))
+            parts.append(f"{names.get(key, key)}{value}")
         return "_".join(parts)
 
 
-_ABBREVIATIONS = {"window_size": "w", "max_capacity_prompt": "c", "kernel_size": "k", "compression_ratio": "r",
-                  "skip_layers": "skip", "n_sink": "sink", "recent_ratio": "recent", "num_layers": "layers"}
+class CapacityBudget:
+    """For policies with a fixed budget, the field `max_capacity_prompt` = C: every layer keeps at most C
+    entries per head, and a prompt of at most C tokens stays whole. Put it first among the bases:
+    `class MyPolicy(CapacityBudget, Compressor)`."""
+
+    max_capacity_prompt: int
+    label_names: ClassVar[dict[str, str]] = {"max_capacity_prompt": "c"}
+
+    def validate(self):
+        if self.max_capacity_prompt < 1:
+            raise ValueError(f"max_capacity_prompt must be >= 1, got {self.max_capacity_prompt}")
+        super().validate()
+
+    def keep_count(self, layer, seq_len):
+        return min(seq_len, self.max_capacity_prompt)
 
 
-def _short(key, value) -> str:
-    if key == "pooling":
-        return str(value)
-    if isinstance(value, list):
-        value = "-".join(map(str, value))
-    return f"{_ABBREVIATIONS.get(key, key)}{value}"
+def attention_weights(queries: torch.Tensor, keys: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Softmax attention (float32) of queries (B, nh, Q, hs) over keys (B, nh, L, hs) -> (B, nh, Q, L),
+    scaled by hs ** -0.5 as the model's. causal: the queries are those of the last Q positions of the keys
+    (query i at position L - Q + i), and each sees the keys up to its own position."""
+    L, hs = keys.size(2), keys.size(3)
+    logits = queries.float() @ keys.float().transpose(-1, -2) / math.sqrt(hs)  # (B, nh, Q, L)
+    if causal:
+        Q = queries.size(2)
+        visible = torch.arange(L, device=keys.device) <= torch.arange(L - Q, L, device=keys.device)[:, None]
+        logits = logits.masked_fill(~visible, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+# --- settings: the dataclass fields, typed by their annotations ------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a policy: a dataclass field, with the type its annotation gives."""
+    name: str
+    kind: type  # int, float, str, bool or tuple
+    default: object  # dataclasses.MISSING when required
+    element: type | None = None  # the type of a tuple's items
+    choices: tuple | None = None  # a Literal's values
+    optional: bool = False  # None is allowed
+
+    @property
+    def is_sequence(self) -> bool:
+        return self.kind is tuple
+
+    def check(self, value, policy: str):
+        """The value in the setting's type (a tuple for a list, a float for an int), else TypeError; a value
+        outside a Literal's choices is a ValueError (a setting the policy cannot use)."""
+        if value is None and self.optional:
+            return None
+        if self.is_sequence and isinstance(value, (list, tuple)):
+            return tuple(_typed(v, self.element, f"{policy}.{self.name}[{i}]") for i, v in enumerate(value))
+        if self.is_sequence:
+            raise TypeError(f"{policy}.{self.name} must be a list of {self.element.__name__}, got {value!r}")
+        value = _typed(value, self.kind, f"{policy}.{self.name}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+        return value
+
+
+def _typed(value, kind: type, where: str):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    raise TypeError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+
+
+def settings_of(cls: type) -> list[Setting]:
+    """The settings of a policy class, in field order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kind, optional, element, choices = hints[f.name], False, None, None
+        args = typing.get_args(kind)
+        if type(None) in args:  # X | None
+            optional, kind = True, next(a for a in args if a is not type(None))
+            args = typing.get_args(kind)
+        if typing.get_origin(kind) is typing.Literal:
+            choices, kind = args, type(args[0])
+        elif typing.get_origin(kind) is tuple:
+            kind, element = tuple, args[0]
+        if kind not in (int, float, str, bool, tuple):
+            raise TypeError(f"{cls.__name__}.{f.name}: a setting is an int, float, str, bool, Literal or "
+                            f"tuple[X, ...] (optionally | None), got {hints[f.name]!r}")
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        out.append(Setting(f.name, kind, default, element, choices, optional))
+    return out

@@ -1,18 +1,17 @@
-import math
 from dataclasses import dataclass
 
-import torch
-
-from .base import Compressor
+from .base import CapacityBudget, Compressor, attention_weights
+from .registry import register
 
 # Queries scored at once: a (B, nh, QUERY_CHUNK, L) float32 block instead of the whole (B, nh, L, L) matrix.
 QUERY_CHUNK = 256
 
 
+@register
 @dataclass
-class H2O(Compressor):
+class H2O(CapacityBudget, Compressor):
     """H2O, Heavy-Hitter Oracle (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative
-    Inference of Large Language Models"), applied once at the end of the prefill.
+    Inference of Large Language Models").
 
     Per layer and head, of a prompt of L > C = max_capacity_prompt tokens, keeps:
     - the `int(C * recent_ratio)` most recent tokens, always;
@@ -21,17 +20,18 @@ class H2O(Compressor):
       attention matrix; earlier keys are seen by more queries, as in H2O).
     recent_ratio = 0.5 is the paper's even heavy/recent split. Prompts with L <= C stay whole.
 
-    `queries` may be only the last Q <= L ones, those of the last Q entries, and the sum then runs over them:
-    during decoding (KVCache decode_interval) they are the newest tokens' (minipythia.cache.decode_query_window).
+    During decoding (KVCache decode_interval) the queries are the `n_recent` newest tokens' (at least one):
+    a windowed H2O, whose heavy hitters are the entries those tokens attended to most, since the cache
+    carries no scores across compressions.
     """
 
     name = "h2o"
+    label_names = {"recent_ratio": "recent"}
     max_capacity_prompt: int = 512
     recent_ratio: float = 0.5
 
-    def __post_init__(self):
-        if self.max_capacity_prompt < 1:
-            raise ValueError(f"max_capacity_prompt must be >= 1, got {self.max_capacity_prompt}")
+    def validate(self):
+        super().validate()
         if not 0.0 <= self.recent_ratio <= 1.0:
             raise ValueError(f"recent_ratio must be in [0, 1] (share of the budget kept for recent tokens), "
                              f"got {self.recent_ratio}")
@@ -40,8 +40,8 @@ class H2O(Compressor):
     def n_recent(self) -> int:
         return int(self.max_capacity_prompt * self.recent_ratio)
 
-    def keep_count(self, layer, seq_len):
-        return min(seq_len, self.max_capacity_prompt)
+    def decode_queries(self):
+        return max(1, self.n_recent)
 
     def score(self, layer, keys, values, queries):
         B, H, L, hs = keys.shape
@@ -50,11 +50,8 @@ class H2O(Compressor):
         received = keys.new_zeros(B, H, L)
         for start in range(offset, L, QUERY_CHUNK):
             end = min(start + QUERY_CHUNK, L)
-            q = queries[:, :, start - offset : end - offset].float()  # (B, nh, T, hs)
-            # Queries start..end-1 see keys 0..end-1 at most: later keys would only be masked out.
-            logits = q @ keys[:, :, :end].transpose(-1, -2) / math.sqrt(hs)  # (B, nh, T, end)
-            visible = torch.arange(end, device=keys.device) <= torch.arange(start, end, device=keys.device)[:, None]
-            attn = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+            # Queries start..end-1 are the last of keys 0..end-1, and see no later key.
+            attn = attention_weights(queries[:, :, start - offset : end - offset], keys[:, :, :end])
             received[..., :end] += attn.sum(dim=-2)  # (B, nh, end)
         received[..., L - self.n_recent :] = float("inf")  # the recent tokens are always kept
         return received

@@ -1,8 +1,10 @@
 from dataclasses import dataclass
 
 from .base import Compressor
+from .registry import register
 
 
+@register
 @dataclass
 class NoCompression(Compressor):
     """Keeps the full KV cache: the reference every policy is compared with."""
@@ -11,3 +13,9 @@ class NoCompression(Compressor):
 
     def keep_count(self, layer, seq_len):
         return seq_len
+
+    def score(self, layer, keys, values, queries):
+        raise AssertionError("never called: keep_count keeps every entry")
+
+    def decode_queries(self):
+        return 0  # never evicts

@@ -1,15 +1,15 @@
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..cache import KVCache
-from .base import Compressor
-from .none import NoCompression
+from ..prefill import Prefill
+from .base import CapacityBudget, Compressor, attention_weights
+from .registry import register
 
 
+@register
 @dataclass
-class Oracle(Compressor):
+class Oracle(CapacityBudget, Compressor):
     """Oracle: an UPPER BOUND, not a real method. It selects with the attention of the tokens that really
     come after the prompt, which no compressor can see when it has to decide.
 
@@ -24,44 +24,32 @@ class Oracle(Compressor):
     """
 
     name = "oracle"
+    cannot_decode = "it scores with the queries of the tokens that follow a fixed prompt, which do not exist while decoding"
     max_capacity_prompt: int = 512
 
     def __post_init__(self):
-        if self.max_capacity_prompt < 1:
-            raise ValueError(f"max_capacity_prompt must be >= 1, got {self.max_capacity_prompt}")
+        super().__post_init__()
         # A plain attribute, not a dataclass field: it is data, not a setting (settings() and label skip it).
         self.future_queries: dict[int, torch.Tensor] = {}
 
-    def keep_count(self, layer, seq_len):
-        return min(seq_len, self.max_capacity_prompt)
+    def missing_input(self):
+        if self.future_queries:
+            return None
+        return ("the oracle needs the queries of the tokens that come after the prompt, which a command line or a "
+                "sweep of windows does not have: use the Python API (Oracle and oracle_future_queries)")
 
     def score(self, layer, keys, values, queries):
         if layer not in self.future_queries:
             raise ValueError(f"the oracle needs the future tokens' queries of layer {layer}: set "
                              f"oracle.future_queries = oracle_future_queries(model, prompt_ids, future_ids) first")
-        future_q = self.future_queries[layer].to(keys.device).float()  # (B, nh, F, hs)
+        future_q = self.future_queries[layer].to(keys.device)  # (B, nh, F, hs)
         B, H, L, hs = keys.shape
         if future_q.shape[:2] != (B, H) or future_q.size(-1) != hs:
             raise ValueError(f"future queries of layer {layer} have shape {tuple(future_q.shape)}, expected "
                              f"({B}, {H}, F, {hs}) to match the prompt's keys")
-        attn = (future_q @ keys.float().transpose(-1, -2) / math.sqrt(hs)).softmax(dim=-1)  # (B, nh, F, L)
-        return attn.sum(dim=-2)  # (B, nh, L)
+        return attention_weights(future_q, keys, causal=False).sum(dim=-2)  # (B, nh, F, L) -> (B, nh, L)
 
 
-class _QueryRecorder(KVCache):
-    """A cache that keeps everything and records each layer's prefill queries: the model hands them to
-    compress() at the end of each layer's prefill attention, exactly the tensors its attention used."""
-
-    def __init__(self, model, batch_size):
-        p = model.embed_in.weight
-        super().__init__(model.config, batch_size, dtype=p.dtype, device=p.device, compressor=NoCompression())
-        self.queries: dict[int, torch.Tensor] = {}
-
-    def compress(self, layer, queries):
-        self.queries[layer] = queries
-
-
-@torch.no_grad()
 def oracle_future_queries(model, prompt_ids, future_ids) -> dict[int, torch.Tensor]:
     """Runs one uncompressed forward over prompt + future tokens and returns, per layer, the queries of
     the future positions (B, nh, F, hs) after rotary. ids: (B, L) and (B, F) tensors, or lists of ints."""
@@ -70,8 +58,6 @@ def oracle_future_queries(model, prompt_ids, future_ids) -> dict[int, torch.Tens
     prompt_ids, future_ids = (ids if ids.dim() == 2 else ids.unsqueeze(0) for ids in (prompt_ids, future_ids))
     if future_ids.size(1) == 0 or prompt_ids.size(1) == 0:
         raise ValueError("oracle_future_queries needs a non-empty prompt and at least one future token")
-    ids = torch.cat((prompt_ids, future_ids), dim=1)  # (B, L + F)
-    recorder = _QueryRecorder(model, ids.size(0))
-    model(ids, cache=recorder, last_only=True)
+    prefill = Prefill.record(model, torch.cat((prompt_ids, future_ids), dim=1))  # (B, L + F)
     L = prompt_ids.size(1)
-    return {layer: q[:, :, L:].clone() for layer, q in recorder.queries.items()}  # not views of (B, nh, L+F, hs)
+    return {layer: q[:, :, L:].clone() for layer, q in enumerate(prefill.queries)}  # not views of (B, nh, L+F, hs)

@@ -2,11 +2,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Compressor
+from .base import CapacityBudget, Compressor
+from .registry import register
 
 
+@register
 @dataclass
-class RandomEviction(Compressor):
+class RandomEviction(CapacityBudget, Compressor):
     """Random eviction, a floor for the other policies: keeps max_capacity_prompt = C entries per head,
     chosen uniformly at random (independently per batch row, head and layer), for prompts of L > C tokens.
     Nothing is protected, not even the last token or the first (sink) ones: it is pure random on purpose.
@@ -17,14 +19,13 @@ class RandomEviction(Compressor):
     max_capacity_prompt: int = 512
     seed: int = 0
 
-    def __post_init__(self):
-        if self.max_capacity_prompt < 1:
-            raise ValueError(f"max_capacity_prompt must be >= 1, got {self.max_capacity_prompt}")
+    def validate(self):
+        super().validate()
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
-    def keep_count(self, layer, seq_len):
-        return min(seq_len, self.max_capacity_prompt)
+    def decode_queries(self):
+        return 0  # ranks entries by chance
 
     def score(self, layer, keys, values, queries):
         # One stream per (seed, layer), distinct for any layer below a million.

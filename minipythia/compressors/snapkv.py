@@ -1,14 +1,16 @@
-import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .base import Compressor
+from .base import CapacityBudget, Compressor, attention_weights
+from .registry import register
 
 
+@register
 @dataclass
-class SnapKV(Compressor):
+class SnapKV(CapacityBudget, Compressor):
     """SnapKV (Li et al. 2024), as in FasterDecoding/SnapKV `snapkv_utils.py`.
 
     The last `window_size` prompt queries vote (softmax attention, summed over the window) for the
@@ -17,12 +19,13 @@ class SnapKV(Compressor):
     """
 
     name = "snapkv"
+    label_names = {"window_size": "w", "kernel_size": "k", "pooling": ""}
     window_size: int = 32
     max_capacity_prompt: int = 512
     kernel_size: int = 5
-    pooling: str = "avgpool"
+    pooling: Literal["avgpool", "maxpool"] = "avgpool"
 
-    def __post_init__(self):
+    def validate(self):
         if self.window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {self.window_size}")
         if self.window_size >= self.max_capacity_prompt:
@@ -30,19 +33,14 @@ class SnapKV(Compressor):
                              f"({self.max_capacity_prompt})")
         if self.kernel_size < 1 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {self.kernel_size}")
-        if self.pooling not in ("avgpool", "maxpool"):
-            raise ValueError(f"pooling must be 'avgpool' or 'maxpool', got {self.pooling!r}")
+        super().validate()
 
-    def keep_count(self, layer, seq_len):
-        return seq_len if seq_len < self.max_capacity_prompt else self.max_capacity_prompt
+    def decode_queries(self):
+        return self.window_size  # the window votes, and is always kept
 
     def score(self, layer, keys, values, queries):
-        W, L, hs = self.window_size, keys.size(2), keys.size(3)
-        window_q = queries[:, :, -W:].float()  # (B, nh, W, hs)
-        logits = window_q @ keys.float().transpose(-1, -2) / math.sqrt(hs)  # (B, nh, W, L)
-        # Window query i sits at position L-W+i and sees keys up to there (causal inside the window).
-        visible = torch.arange(L, device=keys.device) <= torch.arange(L - W, L, device=keys.device)[:, None]
-        attn = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        W, L = self.window_size, keys.size(2)
+        attn = attention_weights(queries[:, :, -W:], keys)  # (B, nh, W, L), causal inside the window
         votes = attn[..., : L - W].sum(dim=-2)  # (B, nh, L-W)
         pool = F.avg_pool1d if self.pooling == "avgpool" else F.max_pool1d
         pooled = pool(votes, kernel_size=self.kernel_size, stride=1, padding=self.kernel_size // 2)

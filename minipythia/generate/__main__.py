@@ -10,11 +10,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .cache import check_decode_interval
-from .cli import DTYPES, add_compressor_args, add_model_args, compressor_from_args, resolve_model_arg, run_cli
-from .generation import check_sampling, generate
-from .model import Pythia
-from .tokenizer import Tokenizer
+from ..cache import check_decode_interval
+from ..cli import add_compressor_args, add_model_args, compressor_from_args, load_for_inference, resolve_model, run_cli
+from ..tokenizer import Tokenizer
+from . import check_sampling, generate
 
 
 class TextStream:
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--stats", action="store_true", help="print TTFT, TPOT, tokens/s and KV bytes to stderr")
-    add_compressor_args(p, decode_interval=True)
+    add_compressor_args(p, argv, decode_interval=True)
     args = p.parse_args(argv)
 
     text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
@@ -64,9 +63,9 @@ def main(argv=None) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
     compressor = compressor_from_args(args)
     check_decode_interval(compressor, args.decode_interval)
-    directory = resolve_model_arg(args)
-    tokenizer = Tokenizer.from_pretrained(directory)
-    model = Pythia.from_pretrained(directory, dtype=DTYPES[args.dtype])
+    choice = resolve_model(args.model, args.revision)
+    tokenizer = Tokenizer.from_pretrained(choice.directory)
+    model = load_for_inference(choice.directory, args.dtype)
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
 
     prompt_ids = tokenizer.encode(text)

@@ -1,16 +1,20 @@
-"""Autoregressive generation with the native (optionally compressed) KV cache."""
+"""Autoregressive generation with the native (optionally compressed) KV cache.
+
+`python -m minipythia.generate` is the command line (`__main__.py`). This is a package, imported by
+`minipythia` itself, so that importing the command line never rebinds `minipythia.generate`, the function.
+"""
 
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from .compressors import Compressor
-from .model import Pythia
+from ..compressors import Compressor
+from ..model import Pythia
+from ..timing import clock
 
 WARMUP_STEPS = 3  # decode steps left out of TPOT: the first ones pay for allocator and cache growth
 
@@ -91,10 +95,10 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(batch_size=1, compressor=compressor, decode_interval=decode_interval)
 
-    start = time.perf_counter()
+    start = clock(device)
     logits = model(ids[None].to(device), cache=cache, last_only=True)
     token = sample(logits[0, -1], temperature, top_k, top_p, generator)
-    result = Generation(tokens=[token], ttft_s=time.perf_counter() - start,
+    result = Generation(tokens=[token], ttft_s=clock(device) - start,
                         compress_s=cache.compress_seconds, kept_after_prefill=len(cache),
                         kv_bytes_prefill=cache.nbytes_before_compression or cache.nbytes,
                         kv_bytes_compressed=cache.nbytes)
@@ -102,11 +106,11 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
         on_token(token)
     step_input = torch.empty(1, 1, dtype=torch.long, device=device)
     while len(result.tokens) < max_new_tokens and token != eos_id:
-        start = time.perf_counter()
+        start = clock(device)
         step_input.fill_(token)
         logits = model(step_input, cache=cache)
         token = sample(logits[0, -1], temperature, top_k, top_p, generator)
-        result.step_s.append(time.perf_counter() - start)
+        result.step_s.append(clock(device) - start)
         result.tokens.append(token)
         if on_token:
             on_token(token)

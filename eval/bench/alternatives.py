@@ -1,6 +1,6 @@
 """Decode speed of the layouts and compilers measured for issue 3 and not adopted, against the shipped code.
 
-    python bench/alternatives.py [--model weights/random-70m] [--prompt-lens 128,1024] [--rounds 5]
+    python -m eval.bench.alternatives [--model weights/random-70m] [--prompt-lens 128,1024] [--rounds 5]
 
 Each variant is the shipped model with one change; all run greedy decoding of 32 tokens in one process, the
 variants and transformers alternating round by round, and each ratio is the median of the per-round ratios
@@ -71,7 +71,7 @@ def main():
     torch.set_num_threads(2)
 
     def load():
-        return Pythia.from_pretrained(args.model)
+        return Pythia.from_pretrained(args.model).for_inference()
 
     variants = {"shipped": load(), "column-major layers": column_major_layers(load()),
                 "oneDNN-packed layers": onednn_layers(load())}

@@ -1,5 +1,8 @@
 """`make bench` / `python -m eval bench`: minipythia against transformers, measured in one process.
 
+Every benchmark lives in this folder: alternatives.py (decode variants measured and not shipped),
+gpu_parity.py and gpu_check.sh (the check to run on a GPU machine).
+
 For each dtype and prompt length: TTFT, TPOT and tokens/s of greedy generation (no compression) for
 minipythia and for transformers' `generate` on the same checkpoint, with the ratios; the memory bandwidth
 decoding achieves (bytes read per token x tokens/s) against a copy bandwidth measured in the same run;
@@ -18,19 +21,20 @@ from pathlib import Path
 
 import torch
 
-from minipythia import KnormPress, NoCompression, Pythia, SnapKV
+from minipythia import NoCompression, Prefill, Pythia, SnapKV
+from minipythia.timing import clock
 
-from .data import random_prompt
-from .ppl import PrefillRecorder, default_windows, sliding_window_nlls, token_nll
-from .speed import load_hf, measure, measure_hf
+from ..data import random_prompt
+from ..grid import expand, load_spec
+from ..ppl import default_windows, sliding_window_nlls, token_nll
+from ..speed import load_hf, measure, measure_hf
 
-SWEEP_CONFIGS = [NoCompression(), KnormPress(0.5), KnormPress(0.75)] + [
-    SnapKV(window_size=32, max_capacity_prompt=c, kernel_size=5, pooling="avgpool") for c in (256, 512, 1024)]
+# The configurations whose shared-prefill cost the bench times (none first: the one-config baseline).
+SWEEP_SPEC = Path(__file__).resolve().parents[1] / "configs" / "bench.yaml"
 
 
-def synchronize(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def sweep_configs(model: Pythia) -> list:
+    return expand(load_spec(SWEEP_SPEC).policies, model.config).configs
 
 
 def copy_bandwidth_gbs(device: str = "cpu", megabytes: int = 256, repeats: int = 5) -> float:
@@ -39,11 +43,9 @@ def copy_bandwidth_gbs(device: str = "cpu", megabytes: int = 256, repeats: int =
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
-        synchronize(device)
-        t = time.perf_counter()
+        t = clock(device)
         dst.copy_(src)
-        synchronize(device)
-        times.append(time.perf_counter() - t)
+        times.append(clock(device) - t)
     return 2 * src.numel() * 4 / min(times) / 1e9
 
 
@@ -57,19 +59,21 @@ def decode_bytes_per_token(model: Pythia, kv_entries: int) -> int:
 
 
 def sweep_cost(model: Pythia, tokens: int, ctx_len: int, stride: int, repeats: int = 1) -> dict:
-    """Seconds to score SWEEP_CONFIGS from shared prefills vs the first of them alone, same windows. The two
-    alternate `repeats` times; the ratio is the median of the paired ratios, so drift hits both sides alike."""
+    """Seconds to score the bench's configurations from shared prefills vs the first of them alone, same
+    windows. The two alternate `repeats` times; the ratio is the median of the paired ratios, so drift hits
+    both sides alike."""
     ids = random_prompt(tokens, model.config.vocab_size, seed=1)
+    configs, device = sweep_configs(model), model.embed_in.weight.device
     ones, togethers, identical = [], [], True
     for _ in range(repeats):
-        t = time.perf_counter()
-        alone = sliding_window_nlls(model, ids, ctx_len, stride, [SWEEP_CONFIGS[0]])
-        ones.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        shared = sliding_window_nlls(model, ids, ctx_len, stride, SWEEP_CONFIGS)
-        togethers.append(time.perf_counter() - t)
+        t = clock(device)
+        alone = sliding_window_nlls(model, ids, ctx_len, stride, configs[:1])
+        ones.append(clock(device) - t)
+        t = clock(device)
+        shared = sliding_window_nlls(model, ids, ctx_len, stride, configs)
+        togethers.append(clock(device) - t)
         identical = identical and torch.equal(alone[0], shared[0])
-    return dict(configs=len(SWEEP_CONFIGS), tokens=tokens, ctx_len=ctx_len, stride=stride, repeats=repeats,
+    return dict(configs=len(configs), tokens=tokens, ctx_len=ctx_len, stride=stride, repeats=repeats,
                 one_config_s=statistics.median(ones), all_configs_s=statistics.median(togethers),
                 ratio=statistics.median(b / a for a, b in zip(ones, togethers)), none_nll_identical=identical)
 
@@ -78,24 +82,24 @@ def sweep_cost(model: Pythia, tokens: int, ctx_len: int, stride: int, repeats: i
 def window_cost(model: Pythia, ctx_len: int, stride: int, repeats: int = 1) -> dict:
     """Where a sweep's time goes in one window after the first (a prompt of ctx_len - stride tokens, then
     stride targets): the shared prefill, and each config's replay + target forward + NLLs. With them, the
-    steady-state cost of SWEEP_CONFIGS, (prefill + every config's own work) / (prefill + the first's own
-    work), which a long text approaches (the bench's first window has no prompt and is shared whole, which
-    flatters short texts)."""
+    steady-state cost of the bench's configurations, (prefill + every config's own work) / (prefill + the
+    first's own work), which a long text approaches (the bench's first window has no prompt and is shared
+    whole, which flatters short texts)."""
     ids = random_prompt(ctx_len, model.config.vocab_size, seed=2).view(1, -1)
     prompt, targets = ids[:, : ctx_len - stride], ids[:, ctx_len - stride :]
-    prefills, own = [], {c.label: [] for c in SWEEP_CONFIGS}
+    configs, device = sweep_configs(model), model.embed_in.weight.device
+    prefills, own = [], {c.label: [] for c in configs}
     for _ in range(repeats):
-        t = time.perf_counter()
-        recorder = PrefillRecorder(model)
-        model(prompt, cache=recorder, last_only=True)
-        prefills.append(time.perf_counter() - t)
-        for c in SWEEP_CONFIGS:
-            t = time.perf_counter()
-            token_nll(model(targets[:, :-1], cache=recorder.replay(model, c)), targets[:, 1:])
-            own[c.label].append(time.perf_counter() - t)
+        t = clock(device)
+        prefill = Prefill.record(model, prompt)
+        prefills.append(clock(device) - t)
+        for c in configs:
+            t = clock(device)
+            token_nll(model(targets[:, :-1], cache=prefill.replay(model, c)), targets[:, 1:])
+            own[c.label].append(clock(device) - t)
     prefill = statistics.median(prefills)
     per_config = {label: statistics.median(v) for label, v in own.items()}
-    first = per_config[SWEEP_CONFIGS[0].label]
+    first = per_config[configs[0].label]
     return dict(prompt=ctx_len - stride, targets=stride, prefill_ms=1e3 * prefill,
                 config_ms={label: 1e3 * v for label, v in per_config.items()},
                 ratio=(prefill + sum(per_config.values())) / (prefill + first))
@@ -120,7 +124,7 @@ def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_to
     rows, snapkv_rows = [], []
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
-        model = Pythia.from_pretrained(directory, dtype=dtype, device=device)
+        model = Pythia.from_pretrained(directory, dtype=dtype, device=device).for_inference()
         prompts = {n: random_prompt(n, model.config.vocab_size) for n in prompt_lens}
         hf = load_hf(directory, dtype) if use_hf else None
         hf = hf.to(device) if hf is not None else None
@@ -149,13 +153,13 @@ def run_bench(directory: Path, dtypes: list[str], prompt_lens: list[int], new_to
                            hf_tpot_ms_runs=[r["tpot_ms"] for r in theirs[n]])
             rows.append(row)
         longest = max(prompt_lens)
-        snap = SnapKV(window_size=32, max_capacity_prompt=512, kernel_size=5, pooling="avgpool")
+        snap = SnapKV()  # W32 C512 k5 avgpool, the recommended setting
         if longest > snap.max_capacity_prompt:
             r = measure(model, {longest: prompts[longest]}, [snap], new_tokens, repeats)[0]
             snapkv_rows.append(dict(dtype=dtype_name, prompt_len=longest, label=snap.label, ttft_ms=r["ttft_ms"],
                                     compress_ms=r["compress_ms"], share_of_ttft=r["compress_ms"] / r["ttft_ms"],
                                     tpot_ms=r["tpot_ms"]))
-    model = Pythia.from_pretrained(directory, dtype=torch.float32, device=device)
+    model = Pythia.from_pretrained(directory, dtype=torch.float32, device=device).for_inference()
     windows = default_windows(model, None, None)
     sweep = sweep_cost(model, sweep_tokens, *windows, repeats) if sweep_tokens else None
     if sweep:

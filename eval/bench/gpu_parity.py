@@ -1,6 +1,6 @@
 """Parity on a GPU: minipythia vs transformers on the same random pythia-70m-shaped checkpoint, fp32 and bf16.
 
-    python bench/gpu_parity.py weights/random-70m [--device cuda]
+    python -m eval.bench.gpu_parity weights/random-70m [--device cuda]
 
 fp32: max |logit diff| must be tiny. bf16: our error against the fp32 logits must be about transformers'
 own bf16 error (both round the same weights). Exit code 1 on failure.
@@ -25,7 +25,7 @@ def main() -> int:
     with torch.inference_mode():
         reference = load_hf(args.model, torch.float32).to(args.device)(ids).logits.float()
         for dtype, bound in ((torch.float32, 1e-3), (torch.bfloat16, None)):
-            ours = Pythia.from_pretrained(args.model, dtype=dtype, device=args.device)
+            ours = Pythia.from_pretrained(args.model, dtype=dtype, device=args.device).for_inference()
             hf = load_hf(args.model, dtype).to(args.device)
             err_ours = (ours(ids).float() - reference).abs().max().item()
             err_hf = (hf(ids).logits.float() - reference).abs().max().item()

@@ -1,0 +1,47 @@
+"""A prefill recorded once and replayed into a cache for any compressor.
+
+The prefill's attention sees the full KV whatever the compressor, so its keys, values and queries do not
+depend on it: a sweep of many compressors runs the prefill's forward once and replays it into one cache
+per compressor, which then holds exactly what that compressor's own prefill would have left.
+`replay` makes the calls the model's forward makes, in the same order, so the cache decides what to
+compress exactly as it does in a forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import KVCache
+
+
+@dataclass
+class Prefill:
+    keys: list[torch.Tensor]  # per layer (B, nh, T, hs), after rotary
+    values: list[torch.Tensor]  # per layer (B, nh, T, hs)
+    queries: list[torch.Tensor]  # per layer (B, nh, T, hs), after rotary
+    logits: torch.Tensor  # (B, 1, vocab) with last_only, else (B, T, vocab)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys[0].size(2)
+
+    @classmethod
+    @torch.no_grad()  # not inference_mode: what it records may meet tensors made outside it (the oracle's)
+    def record(cls, model, input_ids: torch.Tensor, last_only: bool = True) -> "Prefill":
+        """One uncompressed forward of input_ids (B, T) into an empty cache, recording every layer."""
+        cache = model.new_cache(input_ids.size(0), record_queries=True)
+        logits = model(input_ids, cache=cache, last_only=last_only)
+        layers = range(cache.num_layers)
+        return cls([cache.keys(i) for i in layers], [cache.values(i) for i in layers],
+                    [cache.recorded_queries[i] for i in layers], logits)
+
+    def replay(self, model, compressor=None, decode_interval: int | None = None) -> KVCache:
+        """The cache a prefill of the same tokens with this compressor (and decode_interval) would have left."""
+        cache = model.new_cache(self.keys[0].size(0), compressor, decode_interval)
+        for layer, (k, v, q) in enumerate(zip(self.keys, self.values, self.queries)):
+            cache.append(layer, k, v)
+            cache.after_attention(layer, q)
+        cache.advance(self.num_tokens)
+        return cache
