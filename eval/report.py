@@ -174,7 +174,7 @@ def migrate_flat_layout(out: Path) -> bool:
         folder = configs[r["label"]]["folder"] if r["engine"] == "minipythia" else folder_name("none")
         append_jsonl(out / folder / "speed.jsonl", r)
     first = (ppl or speed)[0]
-    books = {r["book"]: [r["book"], r["source"], r["book_tokens"]] for r in ppl}
+    books = {r["book"]: [r["book"], r["source"], r.get("book_tokens")] for r in ppl}
     lengths = sorted({r["prompt_len"] for r in speed})
     settings = dict(model=first["model"], revision=first.get("revision"), dtype=first["dtype"], tokenizer=None,
                     ctx_len=ppl[0]["ctx_len"] if ppl else None, stride=ppl[0]["stride"] if ppl else None,

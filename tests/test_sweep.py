@@ -376,3 +376,31 @@ policies: [{{compressor: none}}, {{compressor: snapkv, window_size: 4, max_capac
     (tmp_path / "s.yaml").write_text(f"data: {tmp_path / 'no-such-dir'}\npolicies: [{{compressor: none}}]\n")
     assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint),
                           "--out", str(tmp_path / "out2")]) == 2  # nothing to run without data or speed
+
+
+def test_report_moves_an_older_flat_folder_into_the_sweep_layout(tmp_path):
+    """`python -m eval suite` / `ppl` / `speed` used to write every record into DIR/ppl.jsonl and
+    DIR/speed.jsonl; `report` moves such a folder into the layout it reads, losing nothing."""
+    out = tmp_path / "old"
+    out.mkdir()
+    snap = dict(window_size=32, max_capacity_prompt=512, kernel_size=5, pooling="avgpool")
+    label = "snapkv_w32_c512_k5_avgpool"
+    for name, nll in (("none", 20.0), ("snapkv", 21.0)):
+        append_jsonl(out / "ppl.jsonl", _ppl_record("none" if name == "none" else label, name,
+                                                    {} if name == "none" else snap, "a", 1000 * math.log(nll),
+                                                    1536 if name == "none" else 512))
+    for n in (2048, 3000):  # a flat speed run: no `reference` in its rows, the run's none row is it
+        append_jsonl(out / "speed.jsonl", _speed_row("none", "none", {}, n, 100.0, 0.0, 10.0, 48 * n, n))
+        append_jsonl(out / "speed.jsonl", _speed_row(label, "snapkv", snap, n, 108.0, 8.0, 8.0, 48 * 512, 512))
+    (out / "suite.json").write_text(json.dumps(dict(
+        model="weights/tiny-pg19", dtype="float32", parameters=2.5e6, data="1 book", machine="test",
+        runs=[dict(command="python -m eval suite", started="then", wall_seconds=3.0, ppl_seconds=2.0,
+                   speed_seconds=1.0)])))
+    report = write_report(out).read_text()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(["none", label, "plots"])
+    assert {p.name for p in out.glob("*.flat")} == {"ppl.jsonl.flat", "speed.jsonl.flat", "suite.json.flat"}
+    assert len(read_jsonl(out / label / "ppl.jsonl")) == 1 and len(read_jsonl(out / label / "speed.jsonl")) == 2
+    assert read_jsonl(out / label / "speed.jsonl")[0]["reference"]["tpot_ms"] == 10.0
+    assert f"| {label} | 1 | 1000 |" in report and "+5.00%" in report
+    assert claims_rows(report)["generation (decode) speed"][1:] == ["1.25x (TPOT 8.00 vs 10.00 ms)"] * 2
+    assert write_report(out).read_text() == report  # a second report reads the moved folder as it is
