@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from minipythia import Tokenizer
+from minipythia import NoCompression, Tokenizer
 from minipythia.cli import (add_compressor_args, add_model_args, compressor_from_args, load_for_inference,
                             resolve_model, run_cli)
 from minipythia.weights import DTYPES
@@ -165,7 +165,9 @@ def cmd_ppl(args, command: str):
 def cmd_speed(args, command: str):
     check_speed_args(args.new_tokens, args.repeats)
     compressor = compressor_from_args(args)
-    policies = [Policy("none", {}, 0)] + ([one_policy(compressor)] if compressor.name != "none" else [])
+    # No compression is every speed row's reference, measured interleaved with the compressor.
+    reference = Policy(NoCompression.name, {}, 0)
+    policies = [reference] + ([one_policy(compressor)] if not isinstance(compressor, NoCompression) else [])
     spec = SweepSpec(path=Path("command line"), text="", policies=policies, model=args.model, revision=args.revision,
                      dtype=args.dtype, data=args.data or ["pg19"], books=args.books, tokenizer=args.tokenizer,
                      max_tokens=None, ppl=False, batch_size=len(policies), policy_modules=args.policy_module,

@@ -342,8 +342,8 @@ def speed_plots(rows: list[dict], configs: list[dict], out: Path) -> list[str]:
 
 
 def write_report(out: str | Path) -> Path:
-    """DIR/report.md and DIR/plots/*.png from a sweep's DIR/sweep.json and folders, or from a suite's
-    DIR/ppl.jsonl, DIR/speed.jsonl and DIR/suite.json (any of them may be missing)."""
+    """DIR/report.md and DIR/plots/*.png from DIR/sweep.json and its folders (an older flat folder is moved
+    into that layout first)."""
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"results directory {str(out)!r} does not exist")

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compressors import COMPRESSORS, Compressor, build_compressor, import_policies, policy_class
+from .compressors import COMPRESSORS, Compressor, NoCompression, build_compressor, import_policies, policy_class
 from .compressors.registry import decoding_policies
 from .compressors.base import Setting, settings_of
 from .model import Pythia
@@ -65,7 +65,7 @@ def add_compressor_args(parser: argparse.ArgumentParser, argv=None, decode_inter
     g = parser.add_argument_group("KV-cache compression (each setting applies to the policies its help names)")
     g.add_argument("--policy-module", action="append", default=[], metavar="FILE.py|MODULE",
                    help="load compressors registered in this file or module (repeatable)")
-    g.add_argument("--compressor", choices=list(COMPRESSORS), default="none")
+    g.add_argument("--compressor", choices=list(COMPRESSORS), default=NoCompression.name)
     users: dict[str, list[tuple[str, Setting]]] = {}
     for name, cls in COMPRESSORS.items():
         for setting in settings_of(cls):
@@ -76,7 +76,10 @@ def add_compressor_args(parser: argparse.ArgumentParser, argv=None, decode_inter
         if flag in parser._option_string_actions:  # the command's own option (generate's --seed)
             flag = "--compressor-" + setting_name.replace("_", "-")
         flags[setting_name] = flag
-        described = "; ".join(f"{policy} (default {_shown(s.default)})" for policy, s in used_by)
+        by_default: dict[str, list[str]] = {}
+        for policy, s in used_by:
+            by_default.setdefault(_shown(s.default), []).append(policy)
+        described = "; ".join(f"{', '.join(policies)} (default {default})" for default, policies in by_default.items())
         choices = next((s.choices for _, s in used_by if s.choices), None)
         g.add_argument(flag, dest=f"setting_{setting_name}", default=None, metavar=_metavar(used_by[0][1]),
                        help=described + (f"; one of {', '.join(choices)}" if choices else ""))

@@ -59,7 +59,7 @@ class Attention(nn.Module):
         if T == 1:
             if cache is not None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
                 # CPUs without native bfloat16 ran SDPA's bf16 kernel 3-4x slower than float32 over a 1-2K
-                # cache (README, Speed): one query reads a float32 copy of the cache instead (bf16 values are
+                # cache (docs/speed.md): one query reads a float32 copy of the cache instead (bf16 values are
                 # exact in float32, so only the attention's own rounding changes, and it shrinks).
                 k, v = cache.in_float32(k, v)
                 q = q.float()
