@@ -58,8 +58,8 @@ class Attention(nn.Module):
         # SDPA's default scale is head_size ** -0.5, as in GPT-NeoX.
         if T == 1:
             if cache is not None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
-                # CPUs without native bfloat16 ran SDPA's bf16 kernel 3-4x slower than float32 over a 1-2K
-                # cache (docs/speed.md): one query reads a float32 copy of the cache instead (bf16 values are
+                # On CPUs without native bfloat16, SDPA's bf16 kernel for one query is several times slower
+                # than float32 (docs/speed.md): it reads a float32 copy of the cache instead (bf16 values are
                 # exact in float32, so only the attention's own rounding changes, and it shrinks).
                 k, v = cache.in_float32(k, v)
                 q = q.float()
