@@ -11,9 +11,11 @@ import shlex
 import sys
 from pathlib import Path
 
+import torch
+
 from minipythia import NoCompression, Tokenizer
-from minipythia.cli import (add_compressor_args, add_model_args, compressor_from_args, load_for_inference,
-                            resolve_model, run_cli)
+from minipythia.cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args,
+                            load_for_inference, resolve_model, run_cli)
 from minipythia.weights import DTYPES
 
 from .bench import bench_table, run_bench
@@ -22,8 +24,9 @@ from .grid import Policy, SpeedSpec, SweepSpec, check_spec, load_spec, spec_yaml
 from .ppl import check_window_args, default_windows
 from .report import load_sweep, ppl_tables, speed_table, write_report
 from .speed import check_speed_args
+from .results import locked
 from .stream import check_stream_args
-from .sweep import run_sweep
+from .sweep import prepare_out, run_sweep
 
 HOW_TO_ADD_PPL = ("No PPL: {reason}. To add it, rerun with --data DIR (a directory of .txt books, e.g. "
                   "../shared/data/pg19-test) or set PG19_DIR.")
@@ -107,7 +110,14 @@ def warn_positions(model, length: int, what: str):
 
 
 def run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
-    """Loads what the spec names (books, model, tokenizer), fills what depends on the model, runs the sweep."""
+    """Loads what the spec names (books, model, tokenizer), fills what depends on the model, runs the sweep.
+    The results folder is checked and locked first, so that nothing is loaded for a run that cannot write."""
+    prepare_out(out)
+    with locked(out):
+        return _run_spec(spec, out, command)
+
+
+def _run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
     ppl_skipped = None
     try:
         books = load_books(spec.data, spec.books) if spec.data else []
@@ -121,6 +131,7 @@ def run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
     choice = resolve_model(spec.model, spec.revision)
     tokenizer = Tokenizer.from_pretrained(spec.tokenizer or choice.directory)
     model = load_for_inference(choice.directory, spec.dtype)
+    check_tokenizer(tokenizer, model)
     # What was really used goes into the results: the default model, and windows that depend on the model.
     spec.model, spec.revision = choice.name, choice.revision
     if spec.mode == "window":
@@ -185,6 +196,11 @@ def cmd_bench(args):
     if unknown or not dtypes:
         raise ValueError(f"--dtypes {args.dtypes!r}: choose among {', '.join(DTYPES)}")
     check_speed_args(args.new_tokens, args.repeats)
+    if args.sweep_tokens < 0:
+        raise ValueError(f"--sweep-tokens must be >= 0 (0 skips the sweep timing), got {args.sweep_tokens}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    prepare_out(Path(args.out))
     directory = resolve_model(args.model, args.revision).directory
     result = run_bench(directory, dtypes, args.prompt_lens, args.new_tokens, args.repeats, not args.no_hf,
                        Path(args.out), args.sweep_tokens, args.device)
@@ -205,7 +221,10 @@ def main(argv=None):
     elif args.command == "bench":
         cmd_bench(args)
     else:
-        print(write_report(args.dir))
+        if not Path(args.dir).is_dir():
+            raise ValueError(f"results directory {args.dir!r} does not exist")
+        with locked(args.dir):  # not while a run writes into it
+            print(write_report(args.dir))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from minipythia import Compressor, Prefill
 from minipythia.timing import clock
 
+from .nll import check_finite_nll, token_nll
 from .results import append_jsonl, read_jsonl
 from .stream import stream_nlls
 
@@ -50,11 +51,6 @@ def windows(n: int, ctx_len: int, stride: int):
         prev_end = end
         if end == n:
             break
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits (1, T, V), targets (1, T) -> NLL (T,), from a float32 log_softmax whatever the model's dtype."""
-    return F.cross_entropy(logits[0].float(), targets[0], reduction="none")
 
 
 def same_positions(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -90,6 +86,7 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
             if end - begin < 2:  # a last window of one token: nothing to predict it from
                 continue
             nll = token_nll(model(window[:, :-1]), window[:, 1:])
+            check_finite_nll(model, nll, window, f"in the window of tokens {begin}..{end}")
             for per_config in nlls:
                 per_config.append(nll)
             shared += clock(device) - t
@@ -112,6 +109,8 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
                 nll = first
                 if targets.size(1) > 1:  # the other targets, teacher-forced through the compressed cache
                     nll = torch.cat((first, token_nll(model(targets[:, :-1], cache=cache), targets[:, 1:])))
+                label = compressors[i].label if compressors[i] is not None else "none"
+                check_finite_nll(model, nll, window, f"in the window of tokens {begin}..{end} with {label}")
                 scored.append((kept, nll))
             per_config.append(nll)
             own[i] += clock(device) - t
@@ -125,6 +124,11 @@ def sliding_window_nll(model, ids: torch.Tensor, ctx_len: int = 2048, stride: in
                        compressor: Compressor | None = None) -> torch.Tensor:
     """Per-token NLLs (float32, one per scored token, in order): tokens 1 .. n-1 when stride < ctx_len."""
     return sliding_window_nlls(model, ids, ctx_len, stride, [compressor])[0]
+
+
+# What resuming and reporting read of a PPL record; one without them is quarantined (eval.results).
+PPL_RECORD_KEYS = ("book", "model", "dtype", "label", "compressor", "settings", "ctx_len", "stride", "max_tokens",
+                   "tokens", "nll_sum")
 
 
 def record_key(r: dict) -> tuple:
@@ -152,7 +156,8 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
     """
     if mode not in ("window", "stream"):
         raise ValueError(f"mode must be 'window' or 'stream', got {mode!r}")
-    done = {record_key(r): r for path in dict.fromkeys(path_of(c) for c in configs) for r in read_jsonl(path)}
+    done = {record_key(r): r for path in dict.fromkeys(path_of(c) for c in configs)
+            for r in read_jsonl(path, PPL_RECORD_KEYS)}
     base = dict(meta, mode=mode, ctx_len=ctx_len, stride=stride if mode == "window" else None, max_tokens=max_tokens)
     if mode == "stream":
         base["decode_interval"] = decode_interval

@@ -14,8 +14,9 @@ from . import plots
 from .claims import claims_section
 from .data import book_origin
 from .grid import distance_from_defaults, folder_name
-from .results import append_jsonl, read_jsonl
-from .speed import REFERENCE_KEYS
+from .ppl import PPL_RECORD_KEYS
+from .results import append_jsonl, read_json, read_jsonl, write_json, write_text
+from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS
 
 PPL_GROUP = ("model", "revision", "dtype", "mode", "decode_interval", "ctx_len", "stride", "max_tokens")
 
@@ -155,10 +156,10 @@ def migrate_flat_layout(out: Path) -> bool:
     """Results of the older `ppl`, `speed` and `suite` commands, every record in OUT/ppl.jsonl and
     OUT/speed.jsonl, moved into the folder layout everything reads now (OUT/sweep.json, OUT/<label>/...).
     The old files are renamed *.flat, so nothing is lost. Returns whether there was anything to move."""
-    ppl, speed = read_jsonl(out / "ppl.jsonl"), read_jsonl(out / "speed.jsonl")
+    ppl, speed = read_jsonl(out / "ppl.jsonl", PPL_RECORD_KEYS), read_jsonl(out / "speed.jsonl", SPEED_ROW_KEYS)
     if (out / "sweep.json").is_file() or not (ppl or speed):
         return False
-    suite = json.loads((out / "suite.json").read_text()) if (out / "suite.json").is_file() else {}
+    suite = read_json(out / "suite.json") if (out / "suite.json").is_file() else {}
     configs = {}
     for r in ppl + speed:
         if r.get("engine", "minipythia") == "minipythia":
@@ -183,12 +184,12 @@ def migrate_flat_layout(out: Path) -> bool:
                                repeats=speed[0]["repeats"]) if speed else None)
     runs = [dict(command=r.get("command", ""), started=r["started"], wall_seconds=r["wall_seconds"],
                  configs_run=len(configs)) for r in suite.get("runs", [])]
-    (out / "sweep.json").write_text(json.dumps(dict(
+    write_json(out / "sweep.json", dict(
         settings=settings, config_file="(moved from the flat layout of an older run)", config_text="",
         model=first["model"], revision=first.get("revision"), dtype=first["dtype"], checkpoint="?",
         parameters=suite.get("parameters"), architecture=None, data=suite.get("data", f"{len(books)} book(s)"),
         ppl_skipped=suite.get("ppl_skipped"), machine=suite.get("machine", "?"), configs=list(configs.values()),
-        skipped=[], runs=runs), indent=2))
+        skipped=[], runs=runs))
     for name in ("ppl.jsonl", "speed.jsonl", "suite.json"):
         if (out / name).is_file():
             (out / name).rename(out / f"{name}.flat")
@@ -196,17 +197,17 @@ def migrate_flat_layout(out: Path) -> bool:
 
 
 def load_sweep(out: Path) -> Results:
-    sweep = json.loads((out / "sweep.json").read_text())
+    sweep = read_json(out / "sweep.json")
     s, arch = sweep["settings"], sweep.get("architecture")
     lengths = s["speed"]["prompt_lengths"] if s["speed"] else []
     ppl, speed, unfinished = [], [], []
     books = [name for name, _, _ in s["books"]]
     for c in sweep["configs"]:
         folder = out / c["folder"]
-        records = [r for r in read_jsonl(folder / "ppl.jsonl") if r["label"] == c["label"]]
+        records = [r for r in read_jsonl(folder / "ppl.jsonl", PPL_RECORD_KEYS) if r["label"] == c["label"]]
         ppl += records
         runs: dict[str, list[dict]] = {}
-        for r in read_jsonl(folder / "speed.jsonl"):
+        for r in read_jsonl(folder / "speed.jsonl", SPEED_ROW_KEYS):
             runs.setdefault(r["run"], []).append(r)
         complete = [rows for rows in runs.values() if {r["prompt_len"] for r in rows} >= set(lengths)]
         if lengths and complete:
@@ -375,5 +376,5 @@ def write_report(out: str | Path) -> Path:
     lines += claims_section(results.configs, complete_ppl(group), window_prompt,
                             [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path

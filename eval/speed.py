@@ -38,6 +38,11 @@ REFERENCE_KEYS = ("ttft_ms", "compress_ms", "tpot_ms", "tok_s", "kv_prefill_byte
                   "kv_end_bytes", "kept_after_prefill", "peak_rss_mib")
 
 
+# What the report reads of a speed row; one without them is quarantined (eval.results).
+SPEED_ROW_KEYS = ("engine", "label", "compressor", "settings", "prompt_len", "run", "ttft_ms", "tpot_ms", "tok_s",
+                  "peak_rss_mib")
+
+
 def reset_peak_rss() -> bool:
     """Linux lets a process reset its peak RSS (VmHWM), so that each run's peak is its own. Memory freed
     earlier (the PPL part's logits, say) is first handed back to the system, else it would count."""

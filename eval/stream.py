@@ -21,6 +21,8 @@ from minipythia import Compressor
 from minipythia.cache import check_decode_interval
 from minipythia.timing import clock
 
+from .nll import check_finite_nll
+
 
 def check_stream_args(mode: str, stride: int | None, compressor: Compressor, decode_interval: int | None):
     """Fails fast on options that do not belong to the chosen `python -m eval ppl --mode`."""
@@ -66,6 +68,8 @@ def stream_nll(model, ids: torch.Tensor, ctx_len: int, compressor: Compressor | 
             nll[t] = F.cross_entropy(logits[0].float(), ids[t + 1 : t + 2])
             if progress is not None:
                 progress.update()
+        check_finite_nll(model, nll[begin : end - 1], ids[begin:end].view(1, -1),
+                         f"in the stream segment of tokens {begin}..{end}")
     return nll
 
 

@@ -34,20 +34,20 @@ from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenized_books
 from .grid import ConfigError, SweepSpec, expand, folder_name
-from .ppl import kept_per_head, record_key, run_ppl
+from .ppl import PPL_RECORD_KEYS, kept_per_head, record_key, run_ppl
 from .report import write_report
-from .results import append_jsonl, read_jsonl
-from .speed import REFERENCE_KEYS, load_hf, measure, measure_hf, run_meta
+from .results import append_jsonl, locked, read_json, read_jsonl, write_json
+from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, load_hf, measure, measure_hf, run_meta
 
 def ppl_complete(folder: Path, base: dict, books: list[str], label: str) -> bool:
-    keys = {record_key(r) for r in read_jsonl(folder / "ppl.jsonl")}
+    keys = {record_key(r) for r in read_jsonl(folder / "ppl.jsonl", PPL_RECORD_KEYS)}
     return all(record_key(dict(base, book=b, label=label)) in keys for b in books)
 
 
 def complete_speed_rows(folder: Path, lengths: list[int]) -> list[dict]:
     """The rows of the latest run that measured every prompt length (none when there is no such run)."""
     runs: dict[str, list[dict]] = {}
-    for r in read_jsonl(folder / "speed.jsonl"):
+    for r in read_jsonl(folder / "speed.jsonl", SPEED_ROW_KEYS):
         runs.setdefault(r["run"], []).append(r)
     complete = [rows for rows in runs.values() if {r["prompt_len"] for r in rows} >= set(lengths)]
     return complete[-1] if complete else []
@@ -77,7 +77,7 @@ def check_settings(out: Path, settings: dict):
     path = out / "sweep.json"
     if not path.is_file():
         return
-    before = json.loads(path.read_text())["settings"]
+    before = read_json(path).get("settings")
     changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
     if changed:
         k = changed[0]
@@ -126,7 +126,26 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
               ppl_skipped: str | None = None) -> Path:
     """Runs what is not done yet and writes OUT/report.md. spec.model / ctx_len / stride are the resolved ones.
     Without books (ppl_skipped says why), or with spec.ppl false, only the speed part runs (on the books' first
-    tokens, when there are books)."""
+    tokens, when there are books). OUT is locked meanwhile: a second run into it is refused."""
+    prepare_out(out)
+    with locked(out):
+        return _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped)
+
+
+def prepare_out(out: Path):
+    """Creates the results folder, or says in one line why it cannot be one (before any work starts)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write results into {out} ({e.strerror}); give a folder you can write to") from None
+
+
+def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped):
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), clock(model.embed_in.weight.device)
     tokenized = tokenized_books(books, tokenizer, spec.max_tokens) if spec.ppl else []
     settings = sweep_settings(spec, tokenized)
@@ -139,19 +158,18 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
     if not configs:
         raise ConfigError(f"{spec.path}: every configuration was skipped ({skipped[0]['reason']})")
 
-    out.mkdir(parents=True, exist_ok=True)
     folders = {c.label: out / folder_name(c.label) for c in configs}
     n_layers = model.config.num_hidden_layers
     for c in configs:  # written first, so that even an unfinished folder says what it holds
         folders[c.label].mkdir(exist_ok=True)
-        (folders[c.label] / "config.json").write_text(json.dumps(dict(
+        write_json(folders[c.label] / "config.json", dict(
             label=c.label, compressor=c.name, settings=c.settings(), window_prompt=window_prompt,
             kept_per_head=kept_per_head(c, n_layers, window_prompt),
             kept_per_layer=[min(c.keep_count(layer, window_prompt), window_prompt) for layer in range(n_layers)],
-            sweep=settings), indent=2))
+            sweep=settings))
 
     summary_path = out / "sweep.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    previous = read_json(summary_path) if summary_path.is_file() else {}
     # The folder remembers every configuration it has held, so that a later sweep of other policies into it
     # adds to the report instead of hiding what is there.
     held = {c["label"]: c for c in previous.get("configs", [])}
@@ -167,7 +185,7 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                 f"({torch.get_num_threads()} threads)",
         configs=list(held.values()), skipped=skipped, runs=previous.get("runs", []))
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_json(summary_path, summary)
 
     meta = dict(model=spec.model, revision=spec.revision, dtype=spec.dtype)
     base = dict(meta, mode=spec.mode, ctx_len=spec.ctx_len, stride=spec.stride if spec.mode == "window" else None,
@@ -203,7 +221,7 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
     t_end = clock(model.embed_in.weight.device)
     summary["runs"] = summary["runs"] + [dict(command=command, started=started, wall_seconds=round(t_end - t0, 1),
                                               configs_run=len(pending))]
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_json(summary_path, summary)
     path = write_report(out)
     print(f"report: {path} (wall time {t_end - t0:.0f} s)")
     return path

@@ -31,20 +31,29 @@ class KVCache:
             missing = compressor.missing_input()
             if missing:
                 raise ValueError(missing)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
         self.n_heads = config.num_attention_heads
         self.head_size = config.head_size
         self.dtype, self.device = dtype, torch.device(device)
         self.compressor = compressor
         self.decode_interval = decode_interval
-        n = config.num_hidden_layers
+        self.record_queries = record_queries
+        self._n_layers = config.num_hidden_layers
+        self.reset()
+
+    def reset(self):
+        """Empties the cache for a new prompt: the next forward is a prefill at position 0 again (and is
+        compressed). Reusing a cache without it continues the old sequence, at its positions."""
+        n = self._n_layers
         self._keys: list[torch.Tensor | None] = [None] * n  # (B, nh, capacity, hs)
         self._values: list[torch.Tensor | None] = [None] * n
         self._positions: list[torch.Tensor | None] = [None] * n  # (B, nh, capacity) int64
         self._lengths = [0] * n  # entries in use per layer
         self._queries: list[torch.Tensor | None] = [None] * n  # (B, nh, <= _query_window, hs), decode_interval only
         # With record_queries, each layer's queries of the latest forward (what Prefill.record reads).
-        self.recorded_queries: list[torch.Tensor | None] | None = [None] * n if record_queries else None
+        self.recorded_queries: list[torch.Tensor | None] | None = [None] * n if self.record_queries else None
         self._new_positions: torch.Tensor | None = None  # positions of the forward being stored, see append
         self._float32_scratch: torch.Tensor | None = None  # see in_float32
         self.seen = 0
@@ -53,7 +62,7 @@ class KVCache:
 
     @property
     def num_layers(self) -> int:
-        return len(self._keys)
+        return self._n_layers
 
     @property
     def in_prefill(self) -> bool:

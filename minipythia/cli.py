@@ -55,6 +55,13 @@ def load_for_inference(directory: Path, dtype: str) -> Pythia:
     return Pythia.from_pretrained(directory, dtype=DTYPES[dtype]).for_inference()
 
 
+def check_tokenizer(tokenizer, model: Pythia):
+    """A tokenizer whose ids run past the model's vocabulary belongs to another checkpoint."""
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"has {model.config.vocab_size}: give the tokenizer of this checkpoint")
+
+
 def add_compressor_args(parser: argparse.ArgumentParser, argv=None, decode_interval: bool = False):
     """--compressor and the flags of every registered policy's settings (policies named by --policy-module
     in argv, default sys.argv, are loaded first); with decode_interval, also --decode-interval."""

@@ -22,6 +22,22 @@ class PythiaConfig:
     eos_token_id: int = 0
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rotary_pct", "rotary_emb_base", "layer_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        for name in ("rotary_emb_base", "layer_norm_eps"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if not isinstance(self.use_parallel_residual, bool):
+            raise ValueError(f"use_parallel_residual must be true or false, got {self.use_parallel_residual!r}")
+        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool) or self.eos_token_id < 0:
+            raise ValueError(f"eos_token_id must be a token id, got {self.eos_token_id!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
@@ -40,6 +56,11 @@ class PythiaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "PythiaConfig":
         """Reads both the published (transformers 4.x) keys and the newer `rope_parameters` form."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object of settings, got {type(d).__name__}")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"the config lacks {', '.join(missing)}")
         if d.get("model_type", "gpt_neox") != "gpt_neox":
             raise ValueError(f"config.json has model_type {d['model_type']!r}; minipythia loads only gpt_neox (Pythia)")
         if d.get("hidden_act", "gelu") != "gelu":
@@ -47,6 +68,8 @@ class PythiaConfig:
         if d.get("tie_word_embeddings", False):
             raise ValueError("tie_word_embeddings=true is not supported; Pythia's embed_out is untied")
         rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_parameters must be a mapping, got {rope!r}")
         rotary_pct = d.get("rotary_pct", rope.get("partial_rotary_factor", 0.25))
         rotary_base = d.get("rotary_emb_base", rope.get("rope_theta", d.get("rope_theta", 10000.0)))
         eos = d.get("eos_token_id", 0)
@@ -57,8 +80,8 @@ class PythiaConfig:
             num_attention_heads=d["num_attention_heads"],
             intermediate_size=d.get("intermediate_size", 4 * d["hidden_size"]),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rotary_pct=float(rotary_pct),
-            rotary_emb_base=float(rotary_base),
+            rotary_pct=_as_float(rotary_pct),
+            rotary_emb_base=_as_float(rotary_base),
             layer_norm_eps=d.get("layer_norm_eps", 1e-5),
             use_parallel_residual=d.get("use_parallel_residual", True),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
@@ -66,7 +89,13 @@ class PythiaConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PythiaConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """A checkpoint's config.json; anything wrong with it is a ValueError naming the file."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); restore it from the published checkpoint") from None
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_hf_dict(self) -> dict:
         """config.json in the published layout (legacy keys), loadable by minipythia and transformers."""
@@ -83,6 +112,11 @@ class PythiaConfig:
                              "partial_rotary_factor": self.rotary_pct},
         )
         return d
+
+
+def _as_float(value):
+    """A number as a float; anything else as it is, for __post_init__ to name."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 # The published Pythia sizes (Biderman et al. 2023, "Pythia", Table 1; 14m and 31m added later by EleutherAI):

@@ -138,6 +138,7 @@ class Pythia(nn.Module):
 
         With a cache, the tokens take positions cache.seen .. cache.seen+T-1, whatever the cache kept.
         """
+        self.check_ids(input_ids)
         B, T = input_ids.shape
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B}")
@@ -151,6 +152,51 @@ class Pythia(nn.Module):
         if last_only:
             x = x[:, -1:]  # the LM head is a third of the FLOPs at 70m: skip it where no logits are needed
         return self.embed_out(self.final_layer_norm(x))
+
+    def check_ids(self, input_ids: torch.Tensor):
+        """ValueError unless input_ids is a (B, T) integer tensor of ids in the vocabulary: an id beyond it
+        means a tokenizer that is not this checkpoint's, and would fail deep inside the embedding."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a non-empty (batch, tokens) tensor, got {shape}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        low, high = (int(x) for x in torch.aminmax(input_ids))
+        vocab = self.config.vocab_size
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the model's vocabulary (0 .. {vocab - 1}): the ids come "
+                             f"from another tokenizer than this checkpoint's")
+
+    @torch.no_grad()
+    def locate_nonfinite(self, input_ids: torch.Tensor) -> str:
+        """Where an uncached forward of input_ids (B, T) first holds NaN or Inf, for error messages: the stage
+        (embedding, a layer's attention or MLP, the final norm, the head) and the position, and the parameters
+        that hold non-finite values."""
+        def first_bad(x: torch.Tensor, stage: str) -> str | None:
+            bad = ~torch.isfinite(x).reshape(x.size(0), x.size(1), -1).all(dim=-1)  # (B, T)
+            if not bad.any():
+                return None
+            row, position = (int(i) for i in bad.nonzero()[0])
+            return f"{stage} at position {position}" + (f" of batch row {row}" if x.size(0) > 1 else "")
+
+        weights = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
+        held = f"; non-finite parameters: {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''}" if weights else ""
+        x = self.embed_in(input_ids)
+        cos, sin = self.rotary(0, input_ids.size(1), x.device, x.dtype)
+        where = first_bad(x, "the input embedding")
+        for i, block in enumerate(self.layers):
+            if where:
+                break
+            attn = block.attention(block.input_layernorm(x), cos, sin, None)
+            where = first_bad(attn, f"layer {i}'s attention")
+            mlp = block.mlp(block.post_attention_layernorm(x if block.use_parallel_residual else x + attn))
+            where = where or first_bad(mlp, f"layer {i}'s MLP")
+            x = x + attn + mlp
+            where = where or first_bad(x, f"layer {i}'s output")
+        x = self.final_layer_norm(x)
+        where = where or first_bad(x, "the final layer norm") or first_bad(self.embed_out(x), "the LM head")
+        return (where or "nowhere in an uncached forward of these tokens") + held
 
     def for_inference(self) -> "Pythia":
         """The explicit step before decoding: eval mode, no gradients, and the weight layout that decodes fastest.

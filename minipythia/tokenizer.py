@@ -12,7 +12,11 @@ from .weights import ModelNotFoundError, resolve
 class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._tok = _HFTokenizer.from_file(str(self.path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(self.path))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{self.path} is not a tokenizer.json the tokenizers library can read "
+                             f"({str(e).splitlines()[0]}); restore it from the checkpoint") from None
         # Pythia's id 0 is <|endoftext|>; a tokenizer trained by us names its own.
         self.eos_id = self._tok.token_to_id("<|endoftext|>")
 

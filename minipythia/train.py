@@ -269,9 +269,14 @@ def main(argv=None) -> int:
             group["lr"] = lr
         loss = loss_on(model, *batch_at(train_tokens, step, args.batch_size, args.seq_len, args.seed,
                                         args.repeat_fraction, args.copy_fraction), autocast)
+        if not torch.isfinite(loss):  # before the update: the saved state stays the last good one
+            raise ValueError(f"step {step}: the training loss is {loss.item()}; lower --lr, or train in float32 "
+                             f"(no --bf16)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise ValueError(f"step {step}: the gradients are not finite (norm {grad_norm.item()}); lower --lr")
         optimizer.step()
         step += 1
         record = {"step": step, "loss": round(loss.item(), 4), "lr": lr, "grad_norm": round(grad_norm.item(), 3),

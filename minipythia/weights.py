@@ -33,9 +33,12 @@ IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_f
 
 
 def checkpoint_key(key: str) -> str | None:
-    """Checkpoint tensor name -> our parameter name, or None for a buffer we drop."""
+    """Checkpoint tensor name -> our parameter name, or None for a buffer we drop. The head is `embed_out`
+    in published files; transformers 5 calls it `lm_head` in memory, so a state_dict() saved by hand has that."""
     if key.endswith(IGNORED_SUFFIXES):
         return None
+    if key == "lm_head.weight":
+        return "embed_out.weight"
     return key.removeprefix("gpt_neox.")
 
 
@@ -86,21 +89,44 @@ def download(repo: str, revision: str | None = None, local_dir: str | Path | Non
 
 
 def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, by checkpoint key, in their stored dtype."""
+    """All tensors of a checkpoint directory, by checkpoint key, in their stored dtype. A file that cannot be
+    read as what it claims to be is a ValueError naming it."""
+    fix = "download the checkpoint again (python -m minipythia.download NAME)"
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            if not files or not all(isinstance(f, str) for f in files):
+                raise ValueError("no shard names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map of shard files: "
+                             f"{e}); {fix}") from None
+        absent = [f for f in files if not (directory / f).is_file()]
+        if absent:
+            raise ValueError(f"{index} names shard {absent[0]!r}, which is not in {directory}; {fix}")
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
+            raise ValueError(f"{directory / 'pytorch_model.bin'} cannot be read ({str(e).splitlines()[0]}); "
+                             f"{fix}") from None
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ValueError(f"{directory / 'pytorch_model.bin'} does not hold a state dict of tensors; {fix}")
+        return state
     else:
         raise ModelNotFoundError(f"{directory} has no model.safetensors, safetensors index or pytorch_model.bin")
     tensors = {}
     for name in files:
-        with safe_open(directory / name, framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(directory / name, framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors' own error type for a truncated or foreign file
+            raise ValueError(f"{directory / name} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                             f"{fix}") from None
     return tensors
 
 
@@ -117,11 +143,15 @@ def load_pretrained(cls, source, dtype=torch.float32, device="cpu", revision=Non
         name = checkpoint_key(key)
         if name is None:
             continue
+        if name in state:
+            raise ValueError(f"{directory}: the checkpoint holds {name!r} twice (as {key!r} too)")
         if name not in expected:
             raise ValueError(f"{directory}: unexpected tensor {key!r} in the checkpoint")
         if tensor.shape != expected[name].shape:
             raise ValueError(f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)}, "
                              f"the config needs {tuple(expected[name].shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{directory}: tensor {key!r} is {tensor.dtype}, not floating point")
         state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(set(expected) - set(state))
     if missing:

@@ -61,14 +61,43 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int):
-    if temperature < 0:
+    def number(value, name):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            raise ValueError(f"{name} must be a number, got {value!r}")
+
+    number(temperature, "temperature")
+    if not 0 <= temperature < float("inf"):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None:
+        number(top_p, "top_p")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("top_k and top_p choose among sampled tokens, which temperature 0 (greedy) does not "
+                         "sample: give a temperature > 0 or leave them out")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def prompt_tensor(prompt_ids) -> torch.Tensor:
+    """A prompt (a list or 1-D tensor of token ids) as a 1-D LongTensor; ValueError for anything else."""
+    ids = torch.as_tensor(prompt_ids)
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    one_row = ids.dim() <= 1 or (ids.dim() == 2 and ids.size(0) == 1)
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or not one_row:
+        raise ValueError(f"the prompt must be token ids, a list of ints or a 1-D integer tensor, got "
+                         f"{ids.dtype} of shape {tuple(ids.shape)}")
+    return ids.long().flatten()
+
+
+def nonfinite_error(model: Pythia, ids: torch.Tensor) -> ValueError:
+    """The error that stops generation at non-finite logits, saying where a forward of the tokens so far
+    (ids, 1-D) first goes wrong."""
+    return ValueError(f"the logits after {ids.numel()} tokens are not finite (NaN or Inf): they first appear in "
+                      f"{model.locate_nonfinite(ids.view(1, -1))}")
 
 
 @torch.inference_mode()
@@ -84,19 +113,21 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
     eos_id. on_token(id) is called as each arrives.
     """
     check_sampling(temperature, top_k, top_p, max_new_tokens)
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-    if ids.numel() == 0:
-        raise ValueError("the prompt is empty: give at least one token")
+    ids = prompt_tensor(prompt_ids)
     limit = model.config.max_position_embeddings
     if ids.numel() + max_new_tokens > limit:
         warnings.warn(f"prompt ({ids.numel()} tokens) + {max_new_tokens} new tokens exceed the {limit} positions "
                       f"Pythia was trained on; quality degrades past them")
     device = model.embed_in.weight.device
+    ids = ids.to(device)
+    model.check_ids(ids.view(1, -1))  # before the cache, whose policy may be slow to set up
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(batch_size=1, compressor=compressor, decode_interval=decode_interval)
 
     start = clock(device)
-    logits = model(ids[None].to(device), cache=cache, last_only=True)
+    logits = model(ids[None], cache=cache, last_only=True)
+    if not torch.isfinite(logits).all():
+        raise nonfinite_error(model, ids)
     token = sample(logits[0, -1], temperature, top_k, top_p, generator)
     result = Generation(tokens=[token], ttft_s=clock(device) - start,
                         compress_s=cache.compress_seconds, kept_after_prefill=len(cache),
@@ -109,6 +140,8 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
         start = clock(device)
         step_input.fill_(token)
         logits = model(step_input, cache=cache)
+        if not torch.isfinite(logits).all():
+            raise nonfinite_error(model, torch.cat((ids, torch.tensor(result.tokens, device=device))))
         token = sample(logits[0, -1], temperature, top_k, top_p, generator)
         result.step_s.append(clock(device) - start)
         result.tokens.append(token)

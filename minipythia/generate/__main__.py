@@ -11,7 +11,8 @@ import warnings
 from pathlib import Path
 
 from ..cache import check_decode_interval
-from ..cli import add_compressor_args, add_model_args, compressor_from_args, load_for_inference, resolve_model, run_cli
+from ..cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args, load_for_inference,
+                   resolve_model, run_cli)
 from ..tokenizer import Tokenizer
 from . import check_sampling, generate
 
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     choice = resolve_model(args.model, args.revision)
     tokenizer = Tokenizer.from_pretrained(choice.directory)
     model = load_for_inference(choice.directory, args.dtype)
+    check_tokenizer(tokenizer, model)
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
 
     prompt_ids = tokenizer.encode(text)
