@@ -229,6 +229,8 @@ def _policies(raw, where: str) -> list[Policy]:
         if not isinstance(entry, dict) or "compressor" not in entry:
             raise ConfigError(f"{at}: expected a mapping with a 'compressor' key, got {entry!r}")
         name = entry["compressor"]
+        if not isinstance(name, str):
+            raise ConfigError(f"{at}: compressor must be a name such as snapkv, got {name!r}")
         cls = COMPRESSORS.get(name)
         if cls is None:
             raise ConfigError(f"{at}: unknown compressor {name!r}; registered: {', '.join(COMPRESSORS)} (a policy of "
