@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from minipythia import NoCompression, Tokenizer
+from minipythia import NoCompression, PythiaConfig, Tokenizer
 from minipythia.cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args,
                             load_for_inference, resolve_model, run_cli)
 from minipythia.weights import DTYPES
 
 from .bench import bench_table, run_bench
 from .data import DataError, check_max_tokens, load_books
-from .grid import Policy, SpeedSpec, SweepSpec, check_spec, load_spec, spec_yaml
+from .grid import ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, load_spec, spec_yaml
 from .ppl import check_window_args, default_windows
 from .report import load_sweep, ppl_tables, speed_table, write_report
 from .speed import check_speed_args
@@ -129,9 +129,13 @@ def _run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
     if not spec.ppl:
         ppl_skipped = "No PPL: this run measured speed only."
     choice = resolve_model(spec.model, spec.revision)
+    config = PythiaConfig.from_json(choice.directory / "config.json")  # what can be checked before the weights load
+    grid = expand(spec.policies, config)
+    if not grid.configs:  # (the sweep expands the grid again, as cheaply)
+        raise ConfigError(f"{spec.path}: every configuration was skipped ({grid.skipped[0]['reason']})")
     tokenizer = Tokenizer.from_pretrained(spec.tokenizer or choice.directory)
+    check_tokenizer(tokenizer, config)
     model = load_for_inference(choice.directory, spec.dtype)
-    check_tokenizer(tokenizer, model)
     # What was really used goes into the results: the default model, and windows that depend on the model.
     spec.model, spec.revision = choice.name, choice.revision
     if spec.mode == "window":

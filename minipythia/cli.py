@@ -17,6 +17,7 @@ from pathlib import Path
 from .compressors import COMPRESSORS, Compressor, NoCompression, build_compressor, import_policies, policy_class
 from .compressors.registry import decoding_policies
 from .compressors.base import Setting, settings_of
+from .config import PythiaConfig
 from .model import Pythia
 from .weights import DEFAULT_MODEL, DTYPES, EMBEDDED_MODEL, ModelNotFoundError, resolve
 
@@ -40,6 +41,9 @@ def resolve_model(model: str | None, revision: str | None = None) -> ModelChoice
     """The checkpoint `--model` names; with none, Pythia-70M when it can be had, else the small model that
     ships in weights/ (with a one-line note)."""
     if model is not None:
+        if revision is not None and Path(model).expanduser().is_dir():
+            raise ValueError(f"--revision picks a hub checkpoint; {model} is a local directory, which has one "
+                             f"revision: leave --revision out")
         return ModelChoice(resolve(model, revision), model, revision)
     try:
         return ModelChoice(resolve(DEFAULT_MODEL, revision), DEFAULT_MODEL, revision)
@@ -55,11 +59,11 @@ def load_for_inference(directory: Path, dtype: str) -> Pythia:
     return Pythia.from_pretrained(directory, dtype=DTYPES[dtype]).for_inference()
 
 
-def check_tokenizer(tokenizer, model: Pythia):
+def check_tokenizer(tokenizer, config: PythiaConfig):
     """A tokenizer whose ids run past the model's vocabulary belongs to another checkpoint."""
-    if tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                         f"has {model.config.vocab_size}: give the tokenizer of this checkpoint")
+                         f"has {config.vocab_size}: give the tokenizer of this checkpoint")
 
 
 def add_compressor_args(parser: argparse.ArgumentParser, argv=None, decode_interval: bool = False):
@@ -159,7 +163,7 @@ def run_cli(main, argv=None) -> int:
     """Runs a CLI entry point; bad input (ValueError, missing file) is one line on stderr and exit code 2."""
     try:
         return main(argv) or 0
-    except (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except (ValueError, OSError) as e:  # OSError: a file missing, unreadable, in the way
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

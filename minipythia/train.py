@@ -208,9 +208,18 @@ def main(argv=None) -> int:
     if not args.data.is_dir():
         raise ValueError(f"{args.data} is not a directory; give a directory of .txt books")
     for name in ("vocab_size", "layers", "hidden", "heads", "seq_len", "batch_size", "steps", "eval_every",
-                 "save_every"):
+                 "save_every", "val_books"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2 (a token and the one it predicts), got {args.seq_len}")
+    for name in ("lr", "grad_clip"):
+        if not 0 < getattr(args, name) < float("inf"):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
+    if not 0 <= args.min_lr <= args.lr:
+        raise ValueError(f"--min-lr must be in [0, --lr {args.lr}], got {args.min_lr}")
+    if args.warmup < 0 or args.weight_decay < 0:
+        raise ValueError(f"--warmup and --weight-decay must be >= 0, got {args.warmup} and {args.weight_decay}")
     autocast = args.bf16
     state_dir = args.out / "train-state"
     state_dir.mkdir(parents=True, exist_ok=True)

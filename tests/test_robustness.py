@@ -145,6 +145,10 @@ def test_a_tokenizer_of_another_model_is_refused(tiny_checkpoint, tmp_path, caps
     save_file(tensors, ckpt / "model.safetensors")
     assert generate_cli(ckpt) == 2
     one_line_error(capsys, "the model's vocabulary has 100", "give the tokenizer of this checkpoint")
+    (tmp_path / "book.txt").write_text("the quick brown fox " * 20)
+    assert run_cli(eval_cli.main, ["ppl", "--model", str(ckpt), "--data", str(tmp_path / "book.txt"),
+                                   "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, "give the tokenizer of this checkpoint")
 
 
 # --- checkpoint files -----------------------------------------------------------------------------------------
@@ -272,3 +276,33 @@ def test_sampling_options_that_do_nothing_are_errors(tiny_checkpoint, capsys):
     assert generate_cli(tiny_checkpoint, "--top-p", "0.9") == 2
     one_line_error(capsys, "give a temperature > 0")
     assert math.isfinite(generate(model, [1, 2], max_new_tokens=4, temperature=0.7, top_k=5, seed=1).ttft_s)
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    (["--revision", "step1000"], "leave --revision out"),
+    (["--decode-interval", "4"], "--compressor none never does"),
+    (["--seed", "3"], "give a temperature > 0"),
+    (["--compressor", "knorm", "--max-capacity-prompt", "64"], "--max-capacity-prompt does nothing with --compressor knorm"),
+    (["--compressor", "knorm", "--skip-layers", "0,9"], "skip_layers [9] are not layers of this model"),
+    (["--compressor", "snapkv", "--max-capacity-prompt", "1.5"], "takes an int"),
+])
+def test_options_that_would_do_nothing_or_cannot_fit_are_errors(tiny_checkpoint, capsys, monkeypatch, extra,
+                                                                fragment):
+    import importlib
+
+    generate_cli_module = importlib.import_module("minipythia.generate.__main__")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the options were checked")
+
+    monkeypatch.setattr(generate_cli_module, "load_for_inference", never)
+    assert generate_cli(tiny_checkpoint, *extra) == 2
+    one_line_error(capsys, fragment)
+
+
+def test_an_output_path_in_the_way_is_one_line(tmp_path, capsys):
+    from minipythia.random_checkpoint import main as random_main
+
+    (tmp_path / "taken").write_text("")
+    assert run_cli(random_main, ["14m", str(tmp_path / "taken")]) == 2
+    one_line_error(capsys, "taken")

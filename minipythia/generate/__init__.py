@@ -60,7 +60,8 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int):
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
+                   seed: int | None = None):
     def number(value, name):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
             raise ValueError(f"{name} must be a number, got {value!r}")
@@ -74,9 +75,11 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         number(top_p, "top_p")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if temperature == 0 and (top_k is not None or top_p is not None):
-        raise ValueError("top_k and top_p choose among sampled tokens, which temperature 0 (greedy) does not "
-                         "sample: give a temperature > 0 or leave them out")
+    if temperature == 0 and (top_k is not None or top_p is not None or seed is not None):
+        raise ValueError("top_k, top_p and seed are about sampling, which temperature 0 (greedy) does not do: give a "
+                         "temperature > 0 or leave them out")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
@@ -112,7 +115,7 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
     whenever a layer holds more than its budget + decode_interval entries (see KVCache). Stops early at
     eos_id. on_token(id) is called as each arrives.
     """
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    check_sampling(temperature, top_k, top_p, max_new_tokens, seed)
     ids = prompt_tensor(prompt_ids)
     limit = model.config.max_position_embeddings
     if ids.numel() + max_new_tokens > limit:

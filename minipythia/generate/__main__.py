@@ -13,6 +13,8 @@ from pathlib import Path
 from ..cache import check_decode_interval
 from ..cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args, load_for_inference,
                    resolve_model, run_cli)
+from ..compressors import NoCompression
+from ..config import PythiaConfig
 from ..tokenizer import Tokenizer
 from . import check_sampling, generate
 
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0); only with --temperature > 0")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--stats", action="store_true", help="print TTFT, TPOT, tokens/s and KV bytes to stderr")
     add_compressor_args(p, argv, decode_interval=True)
@@ -61,19 +63,25 @@ def main(argv=None) -> int:
     text = args.prompt if args.prompt is not None else read_prompt_file(args.prompt_file)
     if not text:
         raise ValueError("the prompt is empty: pass some text with --prompt or a non-empty --prompt-file")
-    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    seed = None if args.temperature == 0 else (0 if args.seed is None else args.seed)
     compressor = compressor_from_args(args)
+    if args.decode_interval is not None and isinstance(compressor, NoCompression):
+        raise ValueError("--decode-interval compresses during decoding, which --compressor none never does: choose a "
+                         "compressor or leave it out")
     check_decode_interval(compressor, args.decode_interval)
     choice = resolve_model(args.model, args.revision)
+    config = PythiaConfig.from_json(choice.directory / "config.json")  # what can be checked before the weights load
+    compressor.for_model(config)
     tokenizer = Tokenizer.from_pretrained(choice.directory)
+    check_tokenizer(tokenizer, config)
     model = load_for_inference(choice.directory, args.dtype)
-    check_tokenizer(tokenizer, model)
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
 
     prompt_ids = tokenizer.encode(text)
     sys.stdout.write(text)
     result = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      args.seed, compressor, eos_id=None if args.ignore_eos else tokenizer.eos_id,
+                      seed, compressor, eos_id=None if args.ignore_eos else tokenizer.eos_id,
                       on_token=TextStream(tokenizer), decode_interval=args.decode_interval)
     sys.stdout.write("\n")
     if args.stats:
