@@ -25,6 +25,10 @@ GROWTH = 64
 class KVCache:
     def __init__(self, config: PythiaConfig, batch_size: int = 1, dtype=torch.float32, device="cpu",
                  compressor=None, decode_interval: int | None = None, record_queries: bool = False):
+        from .compressors import Compressor  # the compressors import the prefill, which imports this module
+
+        if compressor is not None and not isinstance(compressor, Compressor):
+            raise TypeError(f"compressor must be a minipythia Compressor (e.g. SnapKV()) or None, got {compressor!r}")
         self._query_window = check_decode_interval(compressor, decode_interval)  # before any forward
         if compressor is not None:
             compressor.for_model(config)
@@ -205,6 +209,8 @@ def check_decode_interval(compressor, decode_interval: int | None) -> int:
         return 0
     if compressor is None:
         raise ValueError("decode_interval needs a compressor: it is the policy that says what to keep")
+    if not isinstance(decode_interval, int) or isinstance(decode_interval, bool):
+        raise ValueError(f"decode_interval must be an integer, got {decode_interval!r}")
     if decode_interval < 0:
         raise ValueError(f"decode_interval must be >= 0 (entries allowed above the budget before compressing "
                          f"again), got {decode_interval}")

@@ -131,8 +131,11 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(cls, source, dtype=torch.float32, device="cpu", revision=None):
-    if dtype == torch.float16:
+    if dtype == torch.float16 or dtype == "float16":
         raise ValueError("float16 overflows in Pythia's attention (NaN logits); use dtype bfloat16 or float32")
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (a name or the torch dtype), got {dtype!r}")
     directory = resolve(source, revision)
     config = PythiaConfig.from_json(directory / "config.json")
     with torch.device("meta"):

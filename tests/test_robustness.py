@@ -306,3 +306,16 @@ def test_an_output_path_in_the_way_is_one_line(tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     assert run_cli(random_main, ["14m", str(tmp_path / "taken")]) == 2
     one_line_error(capsys, "taken")
+
+
+def test_api_arguments_of_the_wrong_kind_are_named(tiny_checkpoint):
+    model = Pythia.from_pretrained(tiny_checkpoint, dtype="bfloat16")  # a dtype by name works as by torch dtype
+    assert model.embed_in.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        Pythia.from_pretrained(tiny_checkpoint, dtype="int8")
+    with pytest.raises(TypeError, match="compressor must be a minipythia Compressor"):
+        model.new_cache(1, "snapkv")
+    with pytest.raises(ValueError, match="decode_interval must be an integer"):
+        model.new_cache(1, SnapKV(window_size=4, max_capacity_prompt=16), decode_interval=2.5)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        generate(model, [1, 2], max_new_tokens=2.0)
