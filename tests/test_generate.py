@@ -138,3 +138,15 @@ def test_download_offline_says_what_to_do():
     r = run("minipythia.download", "EleutherAI/no-such-model")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "unreachable" in r.stderr
+
+
+def test_the_clock_synchronises_a_cuda_device_before_reading(monkeypatch):
+    """Every timing reads minipythia.timing.clock: on CUDA, work queued before the reading is finished first."""
+    from minipythia.timing import clock
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    clock("cpu")
+    assert calls == []
+    clock("cuda:0")
+    assert calls == [torch.device("cuda:0")]
