@@ -29,7 +29,8 @@ def check_window_args(ctx_len: int | None, stride: int | None):
     if ctx_len is not None and ctx_len < 2:
         raise ValueError(f"--ctx-len must be >= 2, got {ctx_len}")
     if stride is not None and not 1 <= stride <= (ctx_len or stride):
-        raise ValueError(f"--stride must be in [1, ctx_len={ctx_len}], got {stride}")
+        bound = f"in [1, ctx_len={ctx_len}]" if ctx_len else ">= 1"
+        raise ValueError(f"--stride must be {bound}, got {stride}")
 
 
 def default_windows(model, ctx_len: int | None, stride: int | None) -> tuple[int, int]:

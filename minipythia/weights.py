@@ -54,8 +54,11 @@ def resolve(source: str | Path, revision: str | None = None) -> Path:
             raise ModelNotFoundError(f"{path} has no config.json; point --model at a checkpoint directory")
         return path
     repo = hub_id(str(source))
-    if repo.count("/") != 1 or path.exists():
-        raise ModelNotFoundError(f"model {source!r} is neither a checkpoint directory nor a hub id "
+    # A path (absolute, relative to . or ~, or a checkpoint file) that is not there is not a hub id either.
+    looks_like_path = path.is_absolute() or str(source).startswith((".", "~")) or path.suffix in (".json", ".bin",
+                                                                                                     ".safetensors")
+    if repo.count("/") != 1 or path.exists() or looks_like_path:
+        raise ModelNotFoundError(f"{str(source)!r} is neither an existing checkpoint directory nor a hub id "
                                  f"(e.g. EleutherAI/pythia-70m-deduped)")
     local = local_weights_dir(repo, revision)
     if (local / "config.json").is_file():  # put there by `python -m minipythia.download`

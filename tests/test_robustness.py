@@ -319,3 +319,14 @@ def test_api_arguments_of_the_wrong_kind_are_named(tiny_checkpoint):
         model.new_cache(1, SnapKV(window_size=4, max_capacity_prompt=16), decode_interval=2.5)
     with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
         generate(model, [1, 2], max_new_tokens=2.0)
+
+
+def test_a_missing_tokenizer_path_is_not_taken_for_a_hub_id(tiny_checkpoint, book, tmp_path, capsys):
+    from minipythia.weights import ModelNotFoundError, resolve
+
+    argv = ["ppl", "--model", str(tiny_checkpoint), "--data", str(book), "--tokenizer", str(tmp_path / "nope.json"),
+            "--out", str(tmp_path / "out")]
+    assert run_cli(eval_cli.main, argv) == 2
+    one_line_error(capsys, "nope.json", "neither an existing checkpoint directory nor a hub id")
+    with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache"):  # a name with a dot stays a name
+        resolve("pythia-1.4b")

@@ -298,7 +298,7 @@ def test_registry_name_is_looked_up_in_the_weights_directory_first(offline_hub, 
 
 
 def test_neither_directory_nor_hub_id(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="neither a checkpoint directory nor a hub id"):
+    with pytest.raises(ModelNotFoundError, match="neither an existing checkpoint directory nor a hub id"):
         Pythia.from_pretrained(str(tmp_path / "a" / "b" / "c"))
 
 
