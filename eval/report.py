@@ -16,7 +16,7 @@ from .data import book_origin
 from .grid import distance_from_defaults, folder_name
 from .ppl import PPL_RECORD_KEYS
 from .results import append_jsonl, read_json, read_jsonl, write_json, write_text
-from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS
+from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
 
 PPL_GROUP = ("model", "revision", "dtype", "mode", "decode_interval", "ctx_len", "stride", "max_tokens")
 
@@ -206,12 +206,8 @@ def load_sweep(out: Path) -> Results:
         folder = out / c["folder"]
         records = [r for r in read_jsonl(folder / "ppl.jsonl", PPL_RECORD_KEYS) if r["label"] == c["label"]]
         ppl += records
-        runs: dict[str, list[dict]] = {}
-        for r in read_jsonl(folder / "speed.jsonl", SPEED_ROW_KEYS):
-            runs.setdefault(r["run"], []).append(r)
-        complete = [rows for rows in runs.values() if {r["prompt_len"] for r in rows} >= set(lengths)]
-        if lengths and complete:
-            speed += complete[-1]
+        complete = complete_speed_rows(folder, lengths) if lengths else []
+        speed += complete
         missing = [f"PPL of {len(books) - len({r['book'] for r in records})} of {len(books)} books"] \
             if {r["book"] for r in records} < set(books) else []
         missing += ["speed"] if lengths and not complete else []

@@ -32,6 +32,8 @@ from minipythia import Compressor, Generation, generate
 from minipythia.generate import WARMUP_STEPS
 from minipythia.timing import clock
 
+from .results import read_jsonl
+
 # What a speed row of a compressed configuration keeps of the no-compression row measured with it, its
 # `reference` (the tokens are left out).
 REFERENCE_KEYS = ("ttft_ms", "compress_ms", "tpot_ms", "tok_s", "kv_prefill_bytes", "kv_compressed_bytes",
@@ -41,6 +43,15 @@ REFERENCE_KEYS = ("ttft_ms", "compress_ms", "tpot_ms", "tok_s", "kv_prefill_byte
 # What the report reads of a speed row; one without them is quarantined (eval.results).
 SPEED_ROW_KEYS = ("engine", "label", "compressor", "settings", "prompt_len", "run", "ttft_ms", "tpot_ms", "tok_s",
                   "peak_rss_mib")
+
+
+def complete_speed_rows(folder: Path, lengths: list[int]) -> list[dict]:
+    """The rows in folder/speed.jsonl of the latest run that measured every prompt length (none when no run did)."""
+    runs: dict[str, list[dict]] = {}
+    for r in read_jsonl(folder / "speed.jsonl", SPEED_ROW_KEYS):
+        runs.setdefault(r["run"], []).append(r)
+    complete = [rows for rows in runs.values() if {r["prompt_len"] for r in rows} >= set(lengths)]
+    return complete[-1] if complete else []
 
 
 def reset_peak_rss() -> bool:

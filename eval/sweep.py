@@ -18,7 +18,6 @@ written with other settings, so a folder never mixes two setups.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -37,20 +36,12 @@ from .grid import ConfigError, SweepSpec, expand, folder_name
 from .ppl import PPL_RECORD_KEYS, kept_per_head, record_key, run_ppl
 from .report import write_report
 from .results import append_jsonl, locked, read_json, read_jsonl, write_json
-from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, load_hf, measure, measure_hf, run_meta
+from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
+
 
 def ppl_complete(folder: Path, base: dict, books: list[str], label: str) -> bool:
     keys = {record_key(r) for r in read_jsonl(folder / "ppl.jsonl", PPL_RECORD_KEYS)}
     return all(record_key(dict(base, book=b, label=label)) in keys for b in books)
-
-
-def complete_speed_rows(folder: Path, lengths: list[int]) -> list[dict]:
-    """The rows of the latest run that measured every prompt length (none when there is no such run)."""
-    runs: dict[str, list[dict]] = {}
-    for r in read_jsonl(folder / "speed.jsonl", SPEED_ROW_KEYS):
-        runs.setdefault(r["run"], []).append(r)
-    complete = [rows for rows in runs.values() if {r["prompt_len"] for r in rows} >= set(lengths)]
-    return complete[-1] if complete else []
 
 
 def sweep_settings(spec: SweepSpec, tokenized) -> dict:
