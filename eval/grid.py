@@ -282,9 +282,7 @@ def expand(policies: list[Policy], model_config) -> Grid:
             try:
                 compressor = build_compressor(policy.compressor, settings)
                 compressor.for_model(model_config)
-                missing = compressor.missing_input()
-                if missing:
-                    raise ValueError(missing)
+                compressor.check_input()
             except ValueError as e:
                 skipped.append(dict(compressor=policy.compressor, settings=settings, reason=str(e)))
                 continue

@@ -11,9 +11,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[0].float(), targets[0], reduction="none")
 
 
-def check_finite_nll(model, nll: torch.Tensor, ids: torch.Tensor, what: str):
-    """Stops the run at a non-finite NLL, so that no NaN or Inf is ever written as a result. ids (1, T): the
-    tokens whose forward is diagnosed."""
-    if not torch.isfinite(nll).all():
-        raise ValueError(f"non-finite NLL (NaN or Inf) {what}: it first appears in {model.locate_nonfinite(ids)}; "
-                         f"the checkpoint is broken or the dtype overflows (try --dtype float32)")
+def nonfinite_nll(model, ids: torch.Tensor, what: str) -> ValueError:
+    """The error that stops a run at a non-finite NLL, so that no NaN or Inf is ever written as a result.
+    ids (1, T): the tokens whose forward is diagnosed; raised only once the NLL is found not finite, so that
+    the diagnosis and its message cost nothing on the way."""
+    return ValueError(f"non-finite NLL (NaN or Inf) {what}: it first appears in {model.locate_nonfinite(ids)}; "
+                      f"the checkpoint is broken or the dtype overflows (try --dtype float32)")

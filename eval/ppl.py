@@ -19,7 +19,7 @@ from tqdm import tqdm
 from minipythia import Compressor, Prefill
 from minipythia.timing import clock
 
-from .nll import check_finite_nll, token_nll
+from .nll import nonfinite_nll, token_nll
 from .results import append_jsonl, read_jsonl
 from .stream import stream_nlls
 
@@ -87,7 +87,8 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
             if end - begin < 2:  # a last window of one token: nothing to predict it from
                 continue
             nll = token_nll(model(window[:, :-1]), window[:, 1:])
-            check_finite_nll(model, nll, window, f"in the window of tokens {begin}..{end}")
+            if not torch.isfinite(nll).all():
+                raise nonfinite_nll(model, window, f"in the window of tokens {begin}..{end}")
             for per_config in nlls:
                 per_config.append(nll)
             shared += clock(device) - t
@@ -110,8 +111,9 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
                 nll = first
                 if targets.size(1) > 1:  # the other targets, teacher-forced through the compressed cache
                     nll = torch.cat((first, token_nll(model(targets[:, :-1], cache=cache), targets[:, 1:])))
-                label = compressors[i].label if compressors[i] is not None else "none"
-                check_finite_nll(model, nll, window, f"in the window of tokens {begin}..{end} with {label}")
+                if not torch.isfinite(nll).all():
+                    label = compressors[i].label if compressors[i] is not None else "no compression"
+                    raise nonfinite_nll(model, window, f"in the window of tokens {begin}..{end} with {label}")
                 scored.append((kept, nll))
             per_config.append(nll)
             own[i] += clock(device) - t

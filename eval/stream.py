@@ -21,7 +21,7 @@ from minipythia import Compressor
 from minipythia.cache import check_decode_interval
 from minipythia.timing import clock
 
-from .nll import check_finite_nll
+from .nll import nonfinite_nll
 
 
 def check_stream_args(mode: str, stride: int | None, compressor: Compressor, decode_interval: int | None):
@@ -68,8 +68,8 @@ def stream_nll(model, ids: torch.Tensor, ctx_len: int, compressor: Compressor | 
             nll[t] = F.cross_entropy(logits[0].float(), ids[t + 1 : t + 2])
             if progress is not None:
                 progress.update()
-        check_finite_nll(model, nll[begin : end - 1], ids[begin:end].view(1, -1),
-                         f"in the stream segment of tokens {begin}..{end}")
+        if not torch.isfinite(nll[begin : end - 1]).all():
+            raise nonfinite_nll(model, ids[begin:end].view(1, -1), f"in the stream segment of tokens {begin}..{end}")
     return nll
 
 

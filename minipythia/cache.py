@@ -32,9 +32,7 @@ class KVCache:
         self._query_window = check_decode_interval(compressor, decode_interval)  # before any forward
         if compressor is not None:
             compressor.for_model(config)
-            missing = compressor.missing_input()
-            if missing:
-                raise ValueError(missing)
+            compressor.check_input()
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size

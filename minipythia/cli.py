@@ -120,9 +120,7 @@ def compressor_from_args(args: argparse.Namespace) -> Compressor:
                                        for name, text in given.items()})
     except TypeError as e:
         raise ValueError(str(e)) from None
-    missing = compressor.missing_input()
-    if missing:
-        raise ValueError(missing)
+    compressor.check_input()
     return compressor
 
 

@@ -182,20 +182,27 @@ class Pythia(nn.Module):
 
         weights = [name for name, p in self.named_parameters() if not torch.isfinite(p).all()]
         held = f"; non-finite parameters: {', '.join(weights[:3])}{' ...' if len(weights) > 3 else ''}" if weights else ""
-        x = self.embed_in(input_ids)
-        cos, sin = self.rotary(0, input_ids.size(1), x.device, x.dtype)
-        where = first_bad(x, "the input embedding")
+        # The forward itself, watched: each stage's output is checked as it runs, in the order it runs.
+        stages = [(self.embed_in, "the input embedding")]
         for i, block in enumerate(self.layers):
-            if where:
-                break
-            attn = block.attention(block.input_layernorm(x), cos, sin, None)
-            where = first_bad(attn, f"layer {i}'s attention")
-            mlp = block.mlp(block.post_attention_layernorm(x if block.use_parallel_residual else x + attn))
-            where = where or first_bad(mlp, f"layer {i}'s MLP")
-            x = x + attn + mlp
-            where = where or first_bad(x, f"layer {i}'s output")
-        x = self.final_layer_norm(x)
-        where = where or first_bad(x, "the final layer norm") or first_bad(self.embed_out(x), "the LM head")
+            stages += [(block.attention, f"layer {i}'s attention"), (block.mlp, f"layer {i}'s MLP"),
+                       (block, f"layer {i}'s output")]
+        stages += [(self.final_layer_norm, "the final layer norm"), (self.embed_out, "the LM head")]
+        found: list[str] = []
+
+        def watch(stage: str):
+            def hook(module, inputs, output):
+                if not found and (where := first_bad(output, stage)):
+                    found.append(where)
+            return hook
+
+        handles = [module.register_forward_hook(watch(stage)) for module, stage in stages]
+        try:
+            self(input_ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        where = found[0] if found else None
         return (where or "nowhere in an uncached forward of these tokens") + held
 
     def for_inference(self) -> "Pythia":

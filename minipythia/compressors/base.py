@@ -66,8 +66,14 @@ class Compressor:
 
     def missing_input(self) -> str | None:
         """What the compressor still needs before it can compress, beyond its settings (None: nothing).
-        The CLIs and sweeps check it before any work."""
+        The CLIs and sweeps check it before any work (check_input)."""
         return None
+
+    def check_input(self):
+        """Raises ValueError, saying what, when missing_input() names something."""
+        missing = self.missing_input()
+        if missing:
+            raise ValueError(missing)
 
     def settings(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -123,7 +123,6 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
                       f"Pythia was trained on; quality degrades past them")
     device = model.embed_in.weight.device
     ids = ids.to(device)
-    model.check_ids(ids.view(1, -1))  # before the cache, whose policy may be slow to set up
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = model.new_cache(batch_size=1, compressor=compressor, decode_interval=decode_interval)
 
