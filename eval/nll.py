@@ -1,4 +1,5 @@
-"""Per-token NLL, and the check that stops a run before a non-finite one can become a result."""
+"""Per-token NLL, the check that stops a run before a non-finite one can become a result, and `retained`,
+the figure every task reports from NLLs."""
 
 from __future__ import annotations
 
@@ -17,3 +18,9 @@ def nonfinite_nll(model, ids: torch.Tensor, what: str) -> ValueError:
     the diagnosis and its message cost nothing on the way."""
     return ValueError(f"non-finite NLL (NaN or Inf) {what}: it first appears in {model.locate_nonfinite(ids)}; "
                       f"the checkpoint is broken or the dtype overflows (try --dtype float32)")
+
+
+def retained(control: float, full: float, this: float) -> float | None:
+    """The share of full KV's advantage over the control this config keeps: 1 = as full KV, 0 = as the
+    control; None when full KV has no advantage to keep (it would be a division by ~0)."""
+    return (control - this) / (control - full) if control - full > 1e-9 else None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,8 @@ from tqdm import tqdm
 from minipythia import Compressor, Prefill
 from minipythia.timing import clock
 
-from .nll import nonfinite_nll, token_nll
+from .nll import nonfinite_nll, retained, token_nll
+from .replay import score_replays
 from .results import append_jsonl, read_jsonl
 from .stream import stream_nlls
 
@@ -54,30 +57,44 @@ def windows(n: int, ctx_len: int, stride: int):
             break
 
 
-def same_positions(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Whether two caches of one prefill kept the same entries in every layer, head and batch row."""
-    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+@dataclass
+class WindowScores:
+    """One compressor's scores over a book's windows. `nll`: every scored token, in order. The rest cover the
+    tokens predicted through a compressed prompt (windows after the first), in order, when the windows were
+    scored against references: this compressor's NLL on them, KL(full KV || this) and whether the top-1 token
+    agrees with full KV's; and, shared by all compressors, full KV's NLL and the short-context control's (the
+    same targets predicted from only the short_context tokens before the window's targets)."""
+    nll: torch.Tensor
+    compressed_nll: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    top1: torch.Tensor | None = None
+    full_nll: torch.Tensor | None = None
+    short_nll: torch.Tensor | None = None
 
 
 @torch.inference_mode()
-def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
-                        compressors: list[Compressor | None] = (None,), desc: str | None = None,
-                        seconds: list[float] | None = None) -> list[torch.Tensor]:
-    """Per-token NLLs (float32, one per scored token, in order) for each compressor, from shared prefills.
+def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
+                          compressors: list[Compressor | None] = (None,), desc: str | None = None,
+                          seconds: list[float] | None = None, short_context: int | None = None
+                          ) -> list[WindowScores]:
+    """Scores of each compressor over sliding windows of ids (1-D), from one prefill per window.
 
-    Windows without a prompt are computed once for all, and so are the targets of compressors whose caches
-    kept the same entries (a budget at or above the prompt keeps every entry, as none does). With `seconds`
-    (a list of len(compressors)), each compressor's own work (replay, target forward) is added to its entry
-    and the shared work split evenly.
+    Windows without a prompt are computed once for all; targets of compressors whose caches kept the same
+    entries are computed once (eval.replay). With short_context, every window is also scored by full KV (the
+    reference of KL and top-1) and by a short-context control, from the same prefill. With `seconds` (a list
+    of len(compressors)), each compressor's own work is added to its entry and the shared work split evenly.
     `desc` shows a tqdm bar over the windows.
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D LongTensor, got shape {tuple(ids.shape)}")
+    if short_context is not None and short_context < 0:
+        raise ValueError(f"short_context must be >= 0, got {short_context}")
     compressors = list(compressors)
     device = model.embed_in.weight.device
     ids = ids.to(device).view(1, -1)
     spans = list(windows(ids.size(1), ctx_len, stride))
-    nlls: list[list[torch.Tensor]] = [[] for _ in compressors]
+    parts: list[dict[str, list[torch.Tensor]]] = [defaultdict(list) for _ in compressors]
+    shared_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     own = [0.0] * len(compressors)
     shared = 0.0
     for begin, end, prompt_len in tqdm(spans, desc=desc, disable=desc is None, unit="win", file=sys.stderr):
@@ -89,38 +106,69 @@ def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: i
             nll = token_nll(model(window[:, :-1]), window[:, 1:])
             if not torch.isfinite(nll).all():
                 raise nonfinite_nll(model, window, f"in the window of tokens {begin}..{end}")
-            for per_config in nlls:
-                per_config.append(nll)
+            for per_config in parts:
+                per_config["nll"].append(nll)
             shared += clock(device) - t
             continue
         prompt, targets = window[:, :prompt_len], window[:, prompt_len:]
         prefill = Prefill.record(model, prompt)
-        first = token_nll(prefill.logits, targets[:, :1])  # the prefill's last logits saw the full KV
-        caches = (prefill.replay(model, c) for c in compressors)  # one replayed cache alive at a time
+        reference = {}
+
+        def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+            log_p = logits.log_softmax(-1)
+            scores = dict(nll=-log_p.gather(1, targets[0, :, None])[:, 0])
+            if short_context is not None:
+                if not reference:  # the first measured is full KV's (None leads the list below)
+                    reference.update(log_p=log_p, top1=logits.argmax(-1))
+                full = reference["log_p"]
+                scores.update(kl=(full.exp() * (full - log_p)).sum(-1), top1=logits.argmax(-1) == reference["top1"])
+            return scores
+
         shared += clock(device) - t
-        scored: list[tuple[list[torch.Tensor], torch.Tensor]] = []  # (kept positions per layer, NLLs)
-        for i, per_config in enumerate(nlls):
+        # Full KV leads the list when it is the reference, so that compressors whose caches equal it (none,
+        # budgets above the prompt) reuse its forward.
+        leading = [None] if short_context is not None else []
+        times = [0.0] * (len(leading) + len(compressors))
+        results = score_replays(model, prefill, leading + compressors, targets, measure, times)
+        if leading:
             t = clock(device)
-            cache = next(caches)
-            kept = [cache.positions(layer) for layer in range(cache.num_layers)]
-            # Kept entries are copies of the one prefill's, so caches that kept the same positions are the
-            # same cache and score the same NLLs (a budget at or above the prompt keeps everything, as none):
-            # those are reused, not recomputed.
-            nll = next((n for positions, n in scored if same_positions(positions, kept)), None)
-            if nll is None:
-                nll = first
-                if targets.size(1) > 1:  # the other targets, teacher-forced through the compressed cache
-                    nll = torch.cat((first, token_nll(model(targets[:, :-1], cache=cache), targets[:, 1:])))
-                if not torch.isfinite(nll).all():
-                    label = compressors[i].label if compressors[i] is not None else "no compression"
-                    raise nonfinite_nll(model, window, f"in the window of tokens {begin}..{end} with {label}")
-                scored.append((kept, nll))
-            per_config.append(nll)
-            own[i] += clock(device) - t
+            start = max(prompt_len - short_context, 0)  # the control sees the last short_context prompt tokens
+            short = token_nll(model(window[:, start:-1])[:, prompt_len - start:], targets)
+            shared_parts["full_nll"].append(results[0]["nll"])
+            shared_parts["short_nll"].append(short)
+            shared += clock(device) - t + times[0]
+        for i, seconds_i in enumerate(times[len(leading):]):
+            own[i] += seconds_i
+        results = results[len(leading):]
+        for i, (per_config, scores) in enumerate(zip(parts, results)):
+            if not torch.isfinite(scores["nll"]).all():
+                label = compressors[i].label if compressors[i] is not None else "no compression"
+                raise nonfinite_nll(model, window, f"in the window of tokens {begin}..{end} with {label}")
+            per_config["nll"].append(scores["nll"])
+            if short_context is not None:
+                per_config["compressed_nll"].append(scores["nll"])
+                per_config["kl"].append(scores["kl"])
+                per_config["top1"].append(scores["top1"])
     if seconds is not None:
         for i in range(len(compressors)):
             seconds[i] += own[i] + shared / len(compressors)
-    return [torch.cat(n).cpu() if n else torch.empty(0) for n in nlls]
+
+    def joined(tensors: list[torch.Tensor], present: bool) -> torch.Tensor | None:
+        if not present:
+            return None
+        return torch.cat(tensors).cpu() if tensors else torch.empty(0)
+
+    has_ref = short_context is not None
+    common = {k: joined(shared_parts[k], has_ref) for k in ("full_nll", "short_nll")}
+    return [WindowScores(nll=joined(p["nll"], True), compressed_nll=joined(p["compressed_nll"], has_ref),
+                         kl=joined(p["kl"], has_ref), top1=joined(p["top1"], has_ref), **common) for p in parts]
+
+
+def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
+                        compressors: list[Compressor | None] = (None,), desc: str | None = None,
+                        seconds: list[float] | None = None) -> list[torch.Tensor]:
+    """Per-token NLLs (float32, one per scored token, in order) for each compressor, from shared prefills."""
+    return [s.nll for s in sliding_window_scores(model, ids, ctx_len, stride, compressors, desc, seconds)]
 
 
 def sliding_window_nll(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
@@ -146,9 +194,37 @@ def kept_per_head(compressor: Compressor, num_layers: int, prompt_len: int) -> f
     return sum(min(compressor.keep_count(layer, prompt_len), prompt_len) for layer in range(num_layers)) / num_layers
 
 
+# LongPPL's key tokens (Fang et al. 2024, arXiv 2410.23771): those whose log-probability the long context
+# raises by more than 2 nats over a short one, and that the long-context model predicts with log p > -2.
+KEY_TOKEN_GAIN = 2.0
+KEY_TOKEN_LOG_P = -2.0
+
+
+def reference_fields(s: WindowScores) -> dict:
+    """What a PPL record says beyond the PPL, over the tokens predicted through a compressed prompt:
+    KL(full KV || this) and top-1 agreement with full KV (means), and `retained`, the share of the long
+    context's advantage over the short-context control this config keeps,
+    (short - this) / (short - full) on summed NLLs, also on the key tokens alone. `gain_full` and `gain`:
+    nats per token better than the control, with full KV and with this config (the tasks' common fields)."""
+    n = s.compressed_nll.numel()
+    key = (s.short_nll - s.full_nll > KEY_TOKEN_GAIN) & (-s.full_nll > KEY_TOKEN_LOG_P)
+    sums = {name: t.double().sum().item() for name, t in (("this", s.compressed_nll), ("full", s.full_nll),
+                                                           ("short", s.short_nll))}
+    keys = {name: t[key].double().sum().item() for name, t in (("this", s.compressed_nll), ("full", s.full_nll),
+                                                                ("short", s.short_nll))}
+    return dict(compressed_tokens=n, kl=s.kl.double().mean().item() if n else 0.0,
+                top1=s.top1.double().mean().item() if n else 1.0,
+                nll_compressed_sum=sums["this"], nll_full_sum=sums["full"], nll_short_sum=sums["short"],
+                gain_full=(sums["short"] - sums["full"]) / n if n else 0.0,
+                gain=(sums["short"] - sums["this"]) / n if n else 0.0, weight=n,
+                retained=retained(sums["short"], sums["full"], sums["this"]),
+                key_tokens=int(key.sum()), key_nll_sum=keys["this"], key_nll_full_sum=keys["full"],
+                key_nll_short_sum=keys["short"], retained_key=retained(keys["short"], keys["full"], keys["this"]))
+
+
 def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], meta: dict, ctx_len: int,
             stride: int | None, max_tokens: int | None, path_of, mode: str = "window",
-            decode_interval: int | None = None) -> list[dict]:
+            decode_interval: int | None = None, short_context: int | None = None) -> list[dict]:
     """PPL of every (book, config) not yet in its config's jsonl file, appended as each book finishes.
 
     books: (name, source, ids); meta: model, revision, dtype (in every record and key).
@@ -156,6 +232,8 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
     Returns the records of all requested pairs, resumed ones included.
     mode: "window" (sliding windows of ctx_len tokens advancing by stride) or "stream" (eval/stream.py: token
     by token, restarting every ctx_len tokens, compressing during decoding every decode_interval; no stride).
+    short_context (window mode): also score each window against full KV and a control of this many tokens of
+    context (reference_fields), from the same forwards.
     """
     if mode not in ("window", "stream"):
         raise ValueError(f"mode must be 'window' or 'stream', got {mode!r}")
@@ -183,15 +261,18 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
         elif mode == "stream":
             results = stream_nlls(model, ids, ctx_len, pending, decode_interval, desc, seconds)
         else:
-            results = sliding_window_nlls(model, ids, ctx_len, stride, pending, desc, seconds)
+            results = sliding_window_scores(model, ids, ctx_len, stride, pending, desc, seconds, short_context)
         fresh = {}
-        for c, nll, secs in zip(pending, results, seconds):
+        for c, scores, secs in zip(pending, results, seconds):
+            nll = scores if mode == "stream" else scores.nll
             nll_sum = nll.double().sum().item()
             record = dict(base, book=name, source=source, compressor=c.name, settings=c.settings(), label=c.label,
                           book_tokens=ids.numel(), tokens=nll.numel(), nll_sum=nll_sum,
                           ppl=math.exp(nll_sum / nll.numel()), seconds=round(secs, 3),
                           configs_in_pass=len(pending), threads=torch.get_num_threads(),
                           window_prompt=window_prompt, kept_per_head=budget[c.label])
+            if mode == "window" and short_context is not None:
+                record.update(reference_fields(scores), short_context=short_context)
             append_jsonl(path_of(c), record)
             fresh[c.label] = record
         records += [fresh.get(c.label) or done[key] for c, key in keyed]

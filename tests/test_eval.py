@@ -183,7 +183,7 @@ def test_run_ppl_writes_records_and_resume_skips_them(tiny, tmp_path, monkeypatc
     def fail(*args, **kwargs):
         raise AssertionError("a finished (book, config) was computed again")
 
-    monkeypatch.setattr("eval.ppl.sliding_window_nlls", fail)
+    monkeypatch.setattr("eval.ppl.sliding_window_scores", fail)
     assert run_ppl(tiny, books, configs, meta, 64, 32, None, path_of) == first
     assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 4
     monkeypatch.undo()

@@ -155,20 +155,20 @@ LABELS = ["none", "knorm_r0.5", "snapkv_w4_c16_k5_avgpool", "snapkv_w4_c24_k5_av
 @pytest.fixture(scope="module")
 def swept(tiny_checkpoint, books_dir, tmp_path_factory):
     """One sweep (5 configurations in batches of 2, one combination skipped), with the per-token NLLs that
-    sliding_window_nlls returned, by (book, label)."""
+    sliding_window_scores returned, by (book, label)."""
     root = tmp_path_factory.mktemp("sweep")
     (root / "sweep.yaml").write_text(CONFIG.format(books=books_dir))
     nlls = {}
-    real = eval.ppl.sliding_window_nlls
+    real = eval.ppl.sliding_window_scores
 
-    def spy(model, ids, ctx_len, stride, compressors, desc=None, seconds=None):
-        results = real(model, ids, ctx_len, stride, compressors, desc, seconds)
-        for c, nll in zip(compressors, results):
-            nlls[(desc.split(" ")[0], c.label)] = nll
+    def spy(model, ids, ctx_len, stride, compressors, desc=None, seconds=None, short_context=None):
+        results = real(model, ids, ctx_len, stride, compressors, desc, seconds, short_context)
+        for c, scores in zip(compressors, results):
+            nlls[(desc.split(" ")[0], c.label)] = scores.nll
         return results
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(eval.ppl, "sliding_window_nlls", spy)
+        mp.setattr(eval.ppl, "sliding_window_scores", spy)
         assert run_cli(main, ["sweep", str(root / "sweep.yaml"), "--model", str(tiny_checkpoint),
                               "--out", str(root / "out")]) == 0
     return root, nlls
@@ -224,7 +224,7 @@ def test_rerun_skips_complete_folders_and_resumes_an_interrupted_one(swept, tiny
     def fail(*args, **kwargs):
         raise AssertionError("a complete configuration was computed again")
 
-    monkeypatch.setattr(eval.ppl, "sliding_window_nlls", fail)
+    monkeypatch.setattr(eval.ppl, "sliding_window_scores", fail)
     monkeypatch.setattr(eval.sweep, "measure", fail)
     assert run_cli(main, argv) == 0
     assert "5 already complete" in capsys.readouterr().err
@@ -237,8 +237,8 @@ def test_rerun_skips_complete_folders_and_resumes_an_interrupted_one(swept, tiny
         lines = (out / label / name).read_text().splitlines()
         (out / label / name).write_text(lines[0] + "\n" + lines[1][:20])  # the last line cut mid-write
     runs = []
-    real_nlls, real_measure = eval.ppl.sliding_window_nlls, eval.sweep.measure
-    monkeypatch.setattr(eval.ppl, "sliding_window_nlls",
+    real_nlls, real_measure = eval.ppl.sliding_window_scores, eval.sweep.measure
+    monkeypatch.setattr(eval.ppl, "sliding_window_scores",
                         lambda model, ids, ctx, stride, cs, *a: runs.append([c.label for c in cs])
                         or real_nlls(model, ids, ctx, stride, cs, *a))
     monkeypatch.setattr(eval.sweep, "measure", lambda model, prompts, cs, *a, **k: runs.append([c.label for c in cs])

@@ -1,0 +1,58 @@
+"""Targets scored through every compressor's cache of one prefill: the step every task shares.
+
+A prompt is prefilled once (Prefill.record, full KV); each compressor's cache is replayed from it, one alive
+at a time, and the targets are teacher-forced through it in one forward. The first target is predicted by
+the prefill's last logits, which saw the full KV whatever the compressor (as generation's first token).
+Kept entries are copies of the one prefill's, so caches that kept the same positions are the same cache and
+give the same logits: those are measured once (a budget at or above the prompt keeps everything, as none
+does, and so gives exactly none's figures).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import torch
+
+from minipythia import Compressor, Prefill
+from minipythia.timing import clock
+
+Result = TypeVar("Result")
+
+
+def same_positions(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two caches of one prefill kept the same entries in every layer, head and batch row."""
+    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def forced_logits(model, prefill: Prefill, cache, targets: torch.Tensor) -> torch.Tensor:
+    """Logits (T, V) in float32 predicting each of targets (1, T) after the prefill, through `cache`
+    (which the forward extends by T - 1 entries)."""
+    first = prefill.logits[0, -1:].float()
+    if targets.size(1) == 1:
+        return first
+    return torch.cat((first, model(targets[:, :-1], cache=cache)[0].float()))
+
+
+@torch.inference_mode()
+def score_replays(model, prefill: Prefill, compressors: list[Compressor | None], targets: torch.Tensor,
+                  measure: Callable[[torch.Tensor], Result], seconds: list[float] | None = None) -> list[Result]:
+    """measure(logits (T, V) float32) of the targets through each compressor's cache, in order; computed once
+    per distinct set of kept entries. With `seconds`, each compressor's own time (replay, forward, measure)
+    is added to its entry."""
+    device = model.embed_in.weight.device
+    results: list[Result] = []
+    measured: list[tuple[list[torch.Tensor], Result]] = []  # (kept positions per layer, result)
+    for i, compressor in enumerate(compressors):
+        t = clock(device)
+        cache = prefill.replay(model, compressor)
+        kept = [cache.positions(layer) for layer in range(cache.num_layers)]
+        result = next((r for positions, r in measured if same_positions(positions, kept)), None)
+        if result is None:
+            result = measure(forced_logits(model, prefill, cache, targets))
+            measured.append((kept, result))
+        results.append(result)
+        del cache  # one replayed cache alive at a time
+        if seconds is not None:
+            seconds[i] += clock(device) - t
+    return results

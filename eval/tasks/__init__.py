@@ -1,0 +1,13 @@
+"""Tasks beyond perplexity: what compression costs when the model must use what it was shown.
+
+Each task is one module on the interface of eval.tasks.base (a dataclass of settings that builds seeded
+examples and scores every configuration of a batch on them from shared prefills), registered by name;
+the sweep runs them (`tasks:` in its YAML) and `python -m eval task NAME` runs one. PPL is not one of these
+modules: eval.ppl scores books by sliding windows, and adds the same `retained` from its own forwards.
+"""
+
+from .base import TASKS, Example, Task, TextSource, build_task, register_task, run_task, sample_text, task_complete
+from . import recall  # noqa: F401  (registers; the order is the order of `python -m eval task --help`)
+
+__all__ = ["TASKS", "Example", "Task", "TextSource", "build_task", "register_task", "run_task", "sample_text",
+           "task_complete"]

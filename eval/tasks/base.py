@@ -1,0 +1,190 @@
+"""The interface every task implements, the text tasks cut their examples from, and the one runner.
+
+A task is a dataclass whose fields are its settings (typed and checked as a policy's are:
+minipythia.compressors.base.settings_of). It builds deterministic examples from a TextSource and the model
+(`examples`), and scores every configuration of a batch on one example (`score`), sharing the prompt's
+prefill (eval.replay). Every record a task writes carries:
+
+    task, label, compressor, settings, example (the example's key: context, depth, trial, ...)
+    gain_full   nats per scored token that full KV is better than the task's control
+    gain        the same for this configuration
+    retained    gain / gain_full (1 = as good as full KV, 0 = as if the context were not there; None when
+                full KV has no advantage on this example)
+    weight      scored tokens: a configuration's retained over many examples is
+                sum(weight * gain) / sum(weight * gain_full)
+
+and its own raw metrics. `run_task` appends one record per (example, configuration) to the configuration's
+`<task>.jsonl` as each example finishes, and skips the pairs already there.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+from tqdm import tqdm
+
+from minipythia import Compressor, Prefill
+from minipythia.compressors.base import settings_of
+
+from ..nll import retained
+from ..replay import score_replays
+from ..results import append_jsonl, read_jsonl
+
+# What resuming and the report read of a task record; one without them is quarantined (eval.results).
+TASK_RECORD_KEYS = ("task", "label", "model", "dtype", "example", "gain_full", "gain", "weight")
+
+
+@dataclass
+class TextSource:
+    """Token streams (name, ids (n,)) that haystacks, passages and prompts are cut from: the eval's books, or
+    text the model sampled itself (sample_text) when there are none."""
+    streams: list[tuple[str, torch.Tensor]]
+    origin: str  # for reports: where the text came from
+    tokenizer: object = None  # encodes the tasks' templates and decodes text for ROUGE
+
+    def stream(self, i: int) -> tuple[str, torch.Tensor]:
+        return self.streams[i % len(self.streams)]
+
+    def longest(self) -> int:
+        return max(ids.numel() for _, ids in self.streams)
+
+
+@torch.inference_mode()
+def sample_text(model, n_streams: int, length: int, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    """n_streams sequences of `length` tokens sampled from the model at temperature 1 (one batched pass, from
+    the end-of-text token, seeded): a haystack our own code writes when no book is given."""
+    device = model.embed_in.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    start = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    token = torch.full((n_streams, 1), start, dtype=torch.long, device=device)
+    cache = model.new_cache(n_streams)
+    out = []
+    for _ in tqdm(range(length), desc=f"sampling {n_streams} haystack(s)", unit="tok", file=sys.stderr):
+        probs = model(token, cache=cache)[:, -1].float().softmax(-1)
+        token = torch.multinomial(probs, 1, generator=generator)
+        out.append(token)
+    ids = torch.cat(out, dim=1).cpu()
+    return [(f"sampled-{i}", ids[i]) for i in range(n_streams)]
+
+
+@dataclass
+class Example:
+    """One example: the prompt that is compressed, the targets teacher-forced after it (the last `scored` of
+    them are scored), and the control prompt that lacks what the task asks for (scored with full KV)."""
+    key: dict  # what identifies it in the results, e.g. {"context": 512, "depth": 0.25, "trial": 0}
+    prompt: torch.Tensor  # (P,)
+    targets: torch.Tensor  # (T,)
+    scored: int  # the last `scored` targets are scored
+    control: torch.Tensor  # (P',) the control's prompt, with the same targets after it
+    info: dict = field(default_factory=dict)  # copied into every record (where the needle is, ...)
+
+
+@dataclass
+class Task:
+    name: ClassVar[str]
+    # Fields of the examples' keys that the report's tables and heatmaps group by.
+    axes: ClassVar[tuple[str, ...]] = ("context",)
+    seed: int = 0
+
+    def __post_init__(self):
+        for setting in settings_of(type(self)):
+            setattr(self, setting.name, setting.check(getattr(self, setting.name), self.name))
+        self.validate()
+
+    def validate(self):
+        """Raises ValueError on settings of the right type the task cannot use."""
+
+    def settings(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def examples(self, text: TextSource, model) -> list[Example]:
+        """The task's examples, the same for a seed whatever the configurations."""
+        raise NotImplementedError
+
+    def check_fits(self, model, length: int, what: str):
+        limit = model.config.max_position_embeddings
+        if length > limit:
+            raise ValueError(f"{self.name}: {what} needs {length} positions, more than the model's {limit} trained "
+                             f"ones; give smaller context lengths")
+
+    @torch.inference_mode()
+    def score(self, model, example: Example, configs: list[Compressor]) -> list[dict]:
+        """The fields of each configuration's record on one example. This default scores the NLL of the
+        scored targets through each compressed cache, with exact = every scored target is the greedy token
+        (teacher forcing follows greedy decoding for as long as they agree, so this is greedy exact match)."""
+        targets = example.targets.view(1, -1)
+
+        def measure(logits):
+            logits = logits[-example.scored:]
+            nll = torch.nn.functional.cross_entropy(logits, targets[0, -example.scored:], reduction="none")
+            return nll.double().mean().item(), bool((logits.argmax(-1) == targets[0, -example.scored:]).all())
+
+        control = Prefill.record(model, example.control.view(1, -1))
+        control_nll, _ = score_replays(model, control, [None], targets, measure)[0]
+        prefill = Prefill.record(model, example.prompt.view(1, -1))
+        (full_nll, full_exact), *results = score_replays(model, prefill, [None] + configs, targets, measure)
+        return [dict(nll=nll, nll_full=full_nll, nll_control=control_nll, exact=exact, exact_full=full_exact,
+                     **gains(control_nll, full_nll, nll, example.scored)) for nll, exact in results]
+
+
+def gains(control: float, full: float, this: float, weight: int) -> dict:
+    """The common fields of a record from mean NLLs (per scored token) of the control, full KV and this."""
+    return dict(gain_full=control - full, gain=control - this, retained=retained(control, full, this), weight=weight)
+
+
+def record_key(r: dict) -> tuple:
+    """What identifies a (task, example, config) result: reruns skip the keys already in <task>.jsonl."""
+    return (r["task"], r["model"], r.get("revision"), r["dtype"], r["label"], json.dumps(r["example"], sort_keys=True))
+
+
+def run_task(task: Task, model, examples: list[Example], configs: list[Compressor], meta: dict, path_of) -> None:
+    """Scores every (example, config) not yet in its config's <task>.jsonl, appended as each example finishes.
+    meta: model, revision, dtype (in every record and key); path_of(config) -> that config's <task>.jsonl."""
+    done = {record_key(r) for c in configs for r in read_jsonl(path_of(c), TASK_RECORD_KEYS)}
+    base = dict(meta, task=task.name)
+    for example in tqdm(examples, desc=f"{task.name} ({len(configs)} configs)", unit="example", file=sys.stderr):
+        keys = {c.label: record_key(dict(base, label=c.label, example=example.key)) for c in configs}
+        pending = [c for c in configs if keys[c.label] not in done]
+        if not pending:
+            continue
+        for c, fields in zip(pending, task.score(model, example, pending)):
+            append_jsonl(path_of(c), dict(base, label=c.label, compressor=c.name, settings=c.settings(),
+                                          example=example.key, **example.info, **fields))
+
+
+def task_complete(path, task: Task, examples: list[Example], meta: dict, label: str) -> bool:
+    """Whether a config's <task>.jsonl holds every example."""
+    keys = {record_key(r) for r in read_jsonl(path, TASK_RECORD_KEYS)}
+    base = dict(meta, task=task.name, label=label)
+    return all(record_key(dict(base, example=e.key)) in keys for e in examples)
+
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: makes a task available by its name to sweeps (`tasks:`) and `python -m eval task`."""
+    if cls.name in TASKS and TASKS[cls.name] is not cls:
+        raise ValueError(f"a task named {cls.name!r} is already registered ({TASKS[cls.name].__qualname__})")
+    TASKS[cls.name] = cls
+    return cls
+
+
+def build_task(name: str, settings: dict) -> Task:
+    """The one builder of tasks: ValueError naming what is wrong (an unknown task or setting, a bad value)."""
+    cls = TASKS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    known = {s.name for s in settings_of(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"task {name} has no setting {unknown[0]!r}; its settings: {', '.join(sorted(known))}")
+    try:
+        return cls(**settings)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
