@@ -1,7 +1,7 @@
-"""python -m eval {sweep, ppl, speed, report, bench}: the command-line front of the eval package.
+"""python -m eval {sweep, ppl, task, speed, report, bench}: the command-line front of the eval package.
 
-`sweep` runs a YAML grid; `ppl` and `speed` are the same engine with a grid of one compressor written from
-flags, and write the same folder layout (OUT/sweep.json, OUT/<label>/...), which `report` reads.
+`sweep` runs a YAML grid; `ppl`, `task` and `speed` are the same engine with a grid of one compressor written
+from flags, and write the same folder layout (OUT/sweep.json, OUT/<label>/...), which `report` reads.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from minipythia import NoCompression, PythiaConfig, Tokenizer
 from minipythia.cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args,
@@ -22,8 +23,9 @@ from .bench import bench_table, run_bench
 from .data import DataError, check_max_tokens, load_books
 from .grid import ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, load_spec, spec_yaml
 from .ppl import check_window_args, default_windows
-from .report import load_sweep, ppl_tables, speed_table, write_report
+from .report import load_sweep, ppl_tables, speed_table, task_table, write_report
 from .speed import check_speed_args
+from .tasks import TASKS, build_task
 from .results import locked
 from .stream import check_stream_args
 from .sweep import prepare_out, run_sweep
@@ -76,6 +78,16 @@ def build_parser(argv) -> argparse.ArgumentParser:
     add_compressor_args(p, argv, decode_interval=True)
     p.add_argument("--out", required=True, help="results directory (reruns skip the entries already there)")
 
+    p = sub.add_parser("task", help="one task (recall, needle, continuation) of one compressor: "
+                                    "OUT/<label>/<task>.jsonl, OUT/report.md")
+    p.add_argument("task", choices=list(TASKS), help="the task (eval/tasks/)")
+    p.add_argument("--set", dest="task_settings", action="append", default=[], metavar="SETTING=VALUE",
+                   help="a task setting, as in a sweep's YAML, e.g. --set contexts=[256,512] --set trials=4")
+    add_model_args(p)
+    add_data_args(p, required=False)
+    add_compressor_args(p, argv)
+    p.add_argument("--out", required=True, help="results directory (reruns skip the examples already there)")
+
     p = sub.add_parser("speed", help="TTFT, TPOT, KV bytes of none vs a compressor, interleaved: OUT/<label>/speed.jsonl")
     add_model_args(p)
     p.add_argument("--prompt-lens", type=int_list, default=[512, 1024, 2048], help="e.g. 512,1024,2048")
@@ -121,8 +133,8 @@ def _run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
     ppl_skipped = None
     try:
         books = load_books(spec.data, spec.books) if spec.data else []
-    except DataError as e:  # no data is no reason to skip the speed part
-        if not spec.speed or not spec.ppl:
+    except DataError as e:  # no data is no reason to skip the speed part or the tasks (on sampled text)
+        if not (spec.speed or spec.tasks) or not spec.ppl:
             raise
         books, ppl_skipped = [], HOW_TO_ADD_PPL.format(reason=str(e).rstrip("."))
         print(ppl_skipped, file=sys.stderr)
@@ -177,6 +189,34 @@ def cmd_ppl(args, command: str):
     print(ppl_tables(load_sweep(out).ppl))
 
 
+def task_settings(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs, each value read as YAML (so that lists and numbers are what a sweep file gives)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes SETTING=VALUE (e.g. --set trials=4), got {pair!r}")
+        try:
+            settings[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {pair!r}: the value is not valid YAML") from None
+    return settings
+
+
+def cmd_task(args, command: str):
+    task = build_task(args.task, task_settings(args.task_settings))
+    compressor = compressor_from_args(args)
+    spec = SweepSpec(path=Path("command line"), text="", policies=[one_policy(compressor)], model=args.model,
+                     revision=args.revision, dtype=args.dtype, data=args.data or [], books=args.books,
+                     tokenizer=args.tokenizer, ppl=False, tasks=[task], batch_size=1,
+                     policy_modules=args.policy_module)
+    spec.text = spec_yaml(spec)
+    check_spec(spec)
+    out = run_spec(spec, Path(args.out), command).parent
+    results = load_sweep(out)
+    print(task_table(results.tasks, results.configs, results.ppl))
+
+
 def cmd_speed(args, command: str):
     check_speed_args(args.new_tokens, args.repeats)
     compressor = compressor_from_args(args)
@@ -220,6 +260,8 @@ def main(argv=None):
         cmd_sweep(args, command)
     elif args.command == "ppl":
         cmd_ppl(args, command)
+    elif args.command == "task":
+        cmd_task(args, command)
     elif args.command == "speed":
         cmd_speed(args, command)
     elif args.command == "bench":

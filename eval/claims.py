@@ -10,6 +10,7 @@ tokens. Only measured numbers are shown; what a run did not measure says so.
 from __future__ import annotations
 
 from .grid import distance_from_defaults
+from .markdown import table
 
 CAPACITY = 512
 LENGTHS = (2048, 3000)  # inside Pythia's trained 2048 positions, and the study's own case
@@ -84,8 +85,6 @@ def claims_section(configs: list[dict], ppl: dict[str, float], window_prompt: in
                         f"tokens)" for n in LENGTHS]
     names = {"kv": "KV memory", "speed": "generation (decode) speed", "ppl": "PPL",
              "overhead": "compression overhead"}
-    from .report import table  # the report's table format; imported here, as the report imports this module
-
     lines.append(table(["", "seed claim (3000 -> 512, Pythia-70M)"] + [f"measured: {n} -> {CAPACITY}" for n in LENGTHS],
                        [[names[k], CLAIMS[k]] + cells[k] for k in CLAIMS]))
     lines += ["", WHY + (f" This model's LM head is {lm_head}." if lm_head else ""), ""]

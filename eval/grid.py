@@ -8,7 +8,7 @@ a grid of policies, and its expansion into compressors.
     max_tokens: 8192                # each book's first N tokens (default 8192); null scores whole books
     mode: window                    # window (default) | stream: token by token, compressing during decoding
     decode_interval: 64             # stream mode: entries a layer may hold above its budget before compressing
-    ppl: true                       # false: the speed part only
+    tasks: [ppl, recall, needle, continuation]   # optional (default [ppl]); settings: {recall: {trials: 4}}
     speed: {prompt_lengths: [512, 1024, 2048], new_tokens: 32, repeats: 3, hf: false}   # optional
     policy_modules: [my_policy.py]  # optional: files (relative to this YAML) or modules that register policies
     policies:
@@ -21,6 +21,8 @@ A policy entry names a registered compressor (minipythia.compressors.COMPRESSORS
 A list value is a grid axis: the entry expands to the cartesian product of its axes. A setting whose own
 value is a sequence (KnormPress's skip_layers) takes a flat list as one value and a list of lists as an axis.
 Settings derived from the model (PyramidKV's num_layers) are filled by the policy's for_model().
+`tasks` lists what each configuration is scored on (eval.tasks; ppl is eval.ppl's sliding windows, whose
+one setting is short_context, the control of its `retained`); a task's settings are single values, not axes.
 Combinations the policy rejects (its ValueError, e.g. window >= capacity, or data it lacks, as the oracle's
 future queries) are skipped with the reason; anything else wrong (YAML syntax, unknown keys or policies,
 wrong types) is a ConfigError: the CLI prints it on one line and exits with code 2.
@@ -41,10 +43,14 @@ from minipythia.compressors.base import settings_of
 from minipythia.generate import WARMUP_STEPS
 from minipythia.weights import DTYPES
 
+from .tasks import TASKS, Task, build_task
+
 DEFAULT_MAX_TOKENS = 8192
 DEFAULT_BATCH_SIZE = 16
+PPL = "ppl"  # the task eval.ppl runs: sliding windows over the books
+DEFAULT_SHORT_CONTEXT = 128  # PPL's short-context control: the tokens before the targets it sees
 TOP_KEYS = ("model", "revision", "dtype", "data", "books", "tokenizer", "ctx_len", "stride", "max_tokens",
-            "mode", "decode_interval", "ppl", "batch_size", "speed", "policy_modules", "policies")
+            "mode", "decode_interval", "ppl", "tasks", "batch_size", "speed", "policy_modules", "policies")
 SPEED_KEYS = ("prompt_lengths", "new_tokens", "repeats", "hf")
 
 
@@ -85,6 +91,8 @@ class SweepSpec:
     mode: str = "window"  # or "stream" (eval.stream)
     decode_interval: int | None = None  # stream mode only
     ppl: bool = True
+    short_context: int | None = DEFAULT_SHORT_CONTEXT  # PPL's control (eval.ppl.reference_fields); None: none
+    tasks: list[Task] = field(default_factory=list)  # the tasks beyond PPL, in the YAML's order
     batch_size: int = DEFAULT_BATCH_SIZE
     speed: SpeedSpec | None = None
     policy_modules: list[str] = field(default_factory=list)
@@ -148,12 +156,16 @@ def parse_spec(text: str, path: Path) -> SweepSpec:
     mode = get("mode", str, "window")
     if mode not in ("window", "stream"):
         raise ConfigError(f"{where}: mode must be 'window' or 'stream', got {mode!r}")
+    if "tasks" in raw and "ppl" in raw:
+        raise ConfigError(f"{where}: give tasks (e.g. [ppl, recall]) or ppl: true/false, not both")
+    ppl, short_context, tasks = _tasks(raw.get("tasks", [PPL]), where)
     spec = SweepSpec(path=path, text=text, policies=_policies(raw.get("policies"), where),
                      model=get("model", str), revision=get("revision", str), dtype=dtype, data=data,
                      books=get("books", int, minimum=1), tokenizer=get("tokenizer", str),
                      ctx_len=get("ctx_len", int, minimum=2), stride=get("stride", int, minimum=1),
                      max_tokens=get("max_tokens", int, DEFAULT_MAX_TOKENS, minimum=2, allow_none=True),
-                     mode=mode, decode_interval=get("decode_interval", int, minimum=0), ppl=get("ppl", bool, True),
+                     mode=mode, decode_interval=get("decode_interval", int, minimum=0),
+                     ppl=get("ppl", bool, True) and ppl, short_context=short_context, tasks=tasks,
                      policy_modules=modules, batch_size=get("batch_size", int, DEFAULT_BATCH_SIZE, minimum=1),
                      speed=_speed(raw.get("speed"), where))
     check_spec(spec)
@@ -170,16 +182,22 @@ def check_spec(spec: SweepSpec):
                           f"forward, nothing is decoded)")
     if spec.mode == "stream" and (spec.stride is not None or spec.decode_interval is None):
         raise ConfigError(f"{where}: mode: stream takes decode_interval (e.g. 64) and no stride")
-    if not spec.ppl and not spec.speed:
-        raise ConfigError(f"{where}: ppl: false leaves nothing to do without a speed part")
+    if not spec.ppl and not spec.speed and not spec.tasks:
+        raise ConfigError(f"{where}: without ppl, tasks or a speed part there is nothing to do")
+    if spec.tasks and spec.mode != "window":
+        raise ConfigError(f"{where}: tasks other than ppl compress a prompt once (mode: window); mode: stream "
+                          f"applies to PPL alone")
 
 
 def spec_yaml(spec: SweepSpec) -> str:
     """The YAML of a spec built in code (python -m eval ppl / speed), kept with the results like a sweep's file:
     `python -m eval sweep` on it runs the same thing. Keys at their defaults are left out."""
     defaults = SweepSpec(path=spec.path, text="", policies=[])
-    raw = {key: getattr(spec, key) for key in TOP_KEYS if key not in ("speed", "policies")
+    raw = {key: getattr(spec, key) for key in TOP_KEYS if key not in ("speed", "policies", "tasks", "ppl")
            and getattr(spec, key) != getattr(defaults, key)}
+    if spec.tasks or not spec.ppl or spec.short_context != defaults.short_context:
+        raw["tasks"] = ([{PPL: {"short_context": spec.short_context}}] if spec.ppl else []) + [
+            {t.name: t.settings()} for t in spec.tasks]
     if spec.speed:
         raw["speed"] = dataclasses.asdict(spec.speed)
     raw["policies"] = [dict(compressor=p.compressor, **{k: v[0] if len(v) == 1 else v for k, v in p.axes.items()})
@@ -218,6 +236,41 @@ def _speed(raw, where: str) -> SpeedSpec | None:
             raise ConfigError(f"{where}: speed.{key} must be an integer >= {minimum}{why}, got {value!r}")
         setattr(spec, key, value)
     return spec
+
+
+def _tasks(raw, where: str) -> tuple[bool, int | None, list[Task]]:
+    """`tasks`: a list of names or {name: {setting: value}} -> (whether PPL runs, its short_context, the others)."""
+    entries = list(raw.items()) if isinstance(raw, dict) else raw
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: tasks must be a non-empty list such as [ppl, recall], got {raw!r}")
+    ppl, short_context, tasks, seen = False, DEFAULT_SHORT_CONTEXT, [], set()
+    for entry in entries:
+        if isinstance(entry, dict) and len(entry) == 1:
+            entry = next(iter(entry.items()))
+        name, settings = (entry, {}) if isinstance(entry, str) else entry if isinstance(entry, tuple) else (None, None)
+        settings = {} if settings is None else settings
+        if not isinstance(name, str) or not isinstance(settings, dict):
+            raise ConfigError(f"{where}: a task is a name or {{name: {{setting: value}}}}, got {entry!r}")
+        if name in seen:
+            raise ConfigError(f"{where}: task {name} is listed twice")
+        seen.add(name)
+        if name == PPL:
+            unknown = sorted(set(settings) - {"short_context"})
+            if unknown:
+                raise ConfigError(f"{where}: task ppl has no setting {unknown[0]!r}; its setting: short_context "
+                                  f"(its windows are the top-level ctx_len, stride, max_tokens)")
+            short_context = settings.get("short_context", DEFAULT_SHORT_CONTEXT)
+            if short_context is not None and (not _is(short_context, int) or short_context < 1):
+                raise ConfigError(f"{where}: ppl.short_context must be an integer >= 1 or null, got {short_context!r}")
+            ppl = True
+            continue
+        if name not in TASKS:
+            raise ConfigError(f"{where}: unknown task {name!r}; tasks: {', '.join([PPL, *TASKS])}")
+        try:
+            tasks.append(build_task(name, settings))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: tasks.{name}: {e}") from None
+    return ppl, short_context, tasks
 
 
 def _policies(raw, where: str) -> list[Policy]:

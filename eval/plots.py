@@ -101,3 +101,59 @@ def overhead_vs_prompt(panels: dict[str, dict[str, list[dict]]], title: str, pat
     """panels: policy -> label -> [{prompt_len, compress_ms, compress_pct}]: the compression's time."""
     return _panels(panels, [("compress_ms", "compression time\n(ms, median)"),
                             ("compress_pct", "compression time\n(% of TTFT)")], [], title, path)
+
+
+def retained_vs_budget(panels: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """panels: task -> [{policy, kept, retained}]: a panel per task, a line per policy through its best
+    retained at each budget, so that PPL and the retrieval tasks sit side by side on one y scale."""
+    names = list(panels)
+    policies = list(dict.fromkeys(p["policy"] for points in panels.values() for p in points))
+    colors = _colors(policies)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.8 * len(names) + 1, 3.8), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for policy in policies:
+            best = {}
+            for p in panels[name]:
+                if p["policy"] == policy:
+                    best[p["kept"]] = max(best.get(p["kept"], p["retained"]), p["retained"])
+            if best:
+                xs = sorted(best)
+                ax.plot(xs, [best[x] for x in xs], marker="o", color=colors[policy], label=policy)
+        ax.axhline(1.0, linestyle="--", color="black", linewidth=1)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("kept KV entries per head")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("retained (1 = full KV, 0 = no context)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def needle_heatmaps(by_label: dict[str, dict[tuple, float]], title: str, path: Path) -> Path:
+    """by_label: config -> (depth, context) -> value in about [0, 1]: the needle-in-a-haystack picture, one
+    heatmap per configuration (rows: depth, columns: context length), each cell annotated."""
+    labels = [label for label, cells in by_label.items() if cells]
+    depths = sorted({d for cells in by_label.values() for d, _ in cells})
+    contexts = sorted({c for cells in by_label.values() for _, c in cells})
+    cols = min(4, len(labels))
+    rows = -(-len(labels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 0.7 * len(contexts) * cols, 1.2 + 0.45 * len(depths) * rows),
+                             squeeze=False)
+    for ax in axes.flat[len(labels):]:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
+        grid = [[by_label[label].get((d, c)) for c in contexts] for d in depths]
+        shown = [[float("nan") if v is None else v for v in row] for row in grid]
+        image = ax.imshow(shown, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if v is not None:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+        ax.set_xticks(range(len(contexts)), [str(c) for c in contexts], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_title(label, fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6)
+    fig.suptitle(title + "  (x: context length, y: needle depth)", fontsize=9)
+    return _save(fig, path)

@@ -87,8 +87,8 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D LongTensor, got shape {tuple(ids.shape)}")
-    if short_context is not None and short_context < 0:
-        raise ValueError(f"short_context must be >= 0, got {short_context}")
+    if short_context is not None and short_context < 1:
+        raise ValueError(f"short_context must be >= 1, got {short_context}")
     compressors = list(compressors)
     device = model.embed_in.weight.device
     ids = ids.to(device).view(1, -1)
@@ -133,7 +133,7 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
         if leading:
             t = clock(device)
             start = max(prompt_len - short_context, 0)  # the control sees the last short_context prompt tokens
-            short = token_nll(model(window[:, start:-1])[:, prompt_len - start:], targets)
+            short = token_nll(model(window[:, start:-1])[:, prompt_len - start - 1:], targets)
             shared_parts["full_nll"].append(results[0]["nll"])
             shared_parts["short_nll"].append(short)
             shared += clock(device) - t + times[0]

@@ -14,17 +14,13 @@ from . import plots
 from .claims import claims_section
 from .data import book_origin
 from .grid import distance_from_defaults, folder_name
+from .markdown import table
 from .ppl import PPL_RECORD_KEYS
 from .results import append_jsonl, read_json, read_jsonl, write_json, write_text
+from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
 from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
 
 PPL_GROUP = ("model", "revision", "dtype", "mode", "decode_interval", "ctx_len", "stride", "max_tokens")
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _ppl(nll_sum: float, tokens: int) -> float:
@@ -145,11 +141,12 @@ class Results:
     ppl: list[dict]  # eval.ppl.run_ppl records
     speed: list[dict]  # speed rows; compressed ones carry `reference` (none, measured in the same run)
     speed_heading: str
-    configs: list[dict]  # {label, compressor, settings} in run order
+    configs: list[dict]  # {label, compressor, settings, kept} in run order (kept: entries per head, when known)
     ppl_missing: str = "No PPL results."
     per_book: bool = True
     lm_head: str | None = None  # "vocab x hidden", when known
     sections: list[str] = field(default_factory=list)  # extra markdown after the header (sweeps: skipped configs)
+    tasks: list[dict] = field(default_factory=list)  # eval.tasks records of every configuration
 
 
 def migrate_flat_layout(out: Path) -> bool:
@@ -200,12 +197,15 @@ def load_sweep(out: Path) -> Results:
     sweep = read_json(out / "sweep.json")
     s, arch = sweep["settings"], sweep.get("architecture")
     lengths = s["speed"]["prompt_lengths"] if s["speed"] else []
-    ppl, speed, unfinished = [], [], []
+    ppl, speed, unfinished, tasks, kept = [], [], [], [], {}
     books = [name for name, _, _ in s["books"]]
     for c in sweep["configs"]:
         folder = out / c["folder"]
         records = [r for r in read_jsonl(folder / "ppl.jsonl", PPL_RECORD_KEYS) if r["label"] == c["label"]]
         ppl += records
+        tasks += read_task_records(folder, c["label"])
+        if (folder / "config.json").is_file():
+            kept[c["label"]] = read_json(folder / "config.json").get("kept_per_head")
         complete = complete_speed_rows(folder, lengths) if lengths else []
         speed += complete
         missing = [f"PPL of {len(books) - len({r['book'] for r in records})} of {len(books)} books"] \
@@ -250,9 +250,10 @@ def load_sweep(out: Path) -> Results:
         heading = (f"**{speed_title(speed[0])}**: each configuration measured interleaved with no compression, "
                    f"which its ratios are against")
     return Results("KV-cache compression sweep", header, sweep["model"], ppl, speed, heading,
-                   [dict(label=c["label"], compressor=c["compressor"], settings=c["settings"]) for c in sweep["configs"]],
+                   [dict(label=c["label"], compressor=c["compressor"], settings=c["settings"], kept=kept.get(c["label"]))
+                    for c in sweep["configs"]],
                    ppl_missing=sweep.get("ppl_skipped") or "No PPL results.", per_book=len(sweep["configs"]) <= 8,
-                   lm_head=f"{arch['vocab']}x{arch['hidden']}" if arch else None, sections=sections)
+                   lm_head=f"{arch['vocab']}x{arch['hidden']}" if arch else None, sections=sections, tasks=tasks)
 
 
 def data_title(records: list[dict]) -> str:
@@ -356,6 +357,7 @@ def write_report(out: str | Path) -> Path:
         lines += ppl_budget_plot(group, results.model, out)
     else:
         lines += [results.ppl_missing, ""]
+    lines += task_section(results.configs, results.ppl, results.tasks, out)
     lines += ["## Speed and KV memory", ""]
     if results.speed:
         lines += [results.speed_heading, "", speed_table(results.speed), "", SPEED_NOTES, ""]

@@ -5,6 +5,7 @@
     OUT/<label>/ppl.jsonl     one record per book (eval.ppl.run_ppl's)
     OUT/<label>/speed.jsonl   one row per prompt length (eval.speed.measure's), with `reference`: no compression
                               measured in the same run, interleaved with it
+    OUT/<label>/<task>.jsonl  one record per example of each task beyond PPL (eval.tasks.run_task's)
     OUT/report.md, OUT/plots/ (eval.report)
 
 Identical tokens: every configuration scores the same books, truncation and windows, and configurations are
@@ -31,12 +32,20 @@ from tqdm import tqdm
 from minipythia import Compressor, NoCompression
 from minipythia.timing import clock
 
-from .data import Book, describe_books, speed_prompts, tokenized_books
-from .grid import ConfigError, SweepSpec, expand, folder_name
+from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
+from .grid import PPL, ConfigError, SweepSpec, expand, folder_name
 from .ppl import PPL_RECORD_KEYS, kept_per_head, record_key, run_ppl
 from .report import write_report
 from .results import append_jsonl, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
+from .tasks import TextSource, run_task, sample_text, task_complete
+
+# Settings a folder written before they existed does not record; a sweep that has them may still add to it.
+LATER_SETTINGS = ("tasks", "task_text")
+# The text tasks cut examples from: each book's first TASK_TEXT_POSITIONS x trained-length tokens, else
+# SAMPLED_STREAMS sequences of the trained length sampled from the model.
+TASK_TEXT_POSITIONS = 4
+SAMPLED_STREAMS = 4
 
 
 def ppl_complete(folder: Path, base: dict, books: list[str], label: str) -> bool:
@@ -57,6 +66,11 @@ def sweep_settings(spec: SweepSpec, tokenized) -> dict:
         settings.update(mode=spec.mode, decode_interval=spec.decode_interval)
     if not spec.ppl:
         settings["ppl"] = False
+    tasks = {t.name: t.settings() for t in spec.tasks}
+    if spec.ppl and spec.mode == "window" and spec.short_context is not None:
+        tasks = {PPL: dict(short_context=spec.short_context), **tasks}
+    if tasks:
+        settings["tasks"] = tasks
     return settings
 
 
@@ -69,12 +83,46 @@ def check_settings(out: Path, settings: dict):
     if not path.is_file():
         return
     before = read_json(path).get("settings")
-    changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)]
+    changed = [k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)
+               and not (k in LATER_SETTINGS and k not in before) and k != "tasks"]
+    tasks_before, tasks_now = before.get("tasks") or {}, settings.get("tasks") or {}
+    for name in sorted(set(tasks_before) & set(tasks_now)):
+        if tasks_before[name] != tasks_now[name]:
+            raise ConfigError(f"{out} holds task {name} with other settings ({tasks_before[name]} there, "
+                              f"{tasks_now[name]} now); give another --out or delete it")
     if changed:
         k = changed[0]
         raise ConfigError(f"{out} holds a sweep with other settings ({k}: {before.get(k)!r} there, "
                           f"{settings.get(k)!r} now{', and more' if len(changed) > 1 else ''}); give another --out "
                           f"or delete it")
+
+
+def merged_settings(out: Path, settings: dict) -> dict:
+    """The settings a folder holds after this sweep: its tasks are those it held and those added now."""
+    path = out / "sweep.json"
+    before = read_json(path).get("settings", {}) if path.is_file() else {}
+    tasks = {**(before.get("tasks") or {}), **(settings.get("tasks") or {})}
+    return dict(settings, tasks=tasks) if tasks else settings
+
+
+def task_text_origin(books: list[Book], model) -> str:
+    """Where the tasks' text comes from (a sweep setting: examples are cut from it)."""
+    trained = model.config.max_position_embeddings
+    if books:
+        return describe_books(books, TASK_TEXT_POSITIONS * trained)
+    return f"{SAMPLED_STREAMS} texts of {trained} tokens sampled from the model (temperature 1, seed 0)"
+
+
+def task_text(books: list[Book], tokenizer, model) -> TextSource:
+    """The text the tasks cut their examples from: the books, else text the model samples (seeded), so that a
+    run without data still reports the quality of each configuration."""
+    trained = model.config.max_position_embeddings
+    origin = task_text_origin(books, model)
+    if books:
+        return TextSource([(b.name, tokenize(b, tokenizer, TASK_TEXT_POSITIONS * trained)) for b in books],
+                          origin, tokenizer)
+    print(f"note: no books: the tasks use {origin}", file=sys.stderr)
+    return TextSource(sample_text(model, SAMPLED_STREAMS, trained), origin, tokenizer)
 
 
 def measure_batch(model, prompts: dict, batch: list[Compressor], spec: SweepSpec, meta: dict, run: str,
@@ -140,7 +188,10 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), clock(model.embed_in.weight.device)
     tokenized = tokenized_books(books, tokenizer, spec.max_tokens) if spec.ppl else []
     settings = sweep_settings(spec, tokenized)
+    if spec.tasks:
+        settings["task_text"] = task_text_origin(books, model)
     check_settings(out, settings)
+    settings = merged_settings(out, settings)
     window_prompt = spec.ctx_len - spec.stride if spec.mode == "window" else spec.ctx_len
     grid = expand(spec.policies, model.config)
     configs, skipped = grid.configs, grid.skipped
@@ -184,16 +235,36 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
     names = [name for name, _, _ in tokenized] if spec.ppl else []
     lengths = spec.speed.prompt_lengths if spec.speed else []
 
+    examples = {}  # task name -> its examples, built when a configuration needs them
+
+    def task_path(task, c) -> Path:
+        return folders[c.label] / f"{task.name}.jsonl"
+
+    def task_done(task, c) -> bool:
+        if task.name not in examples:  # a folder with no record of the task cannot be complete
+            if not task_path(task, c).is_file():
+                return False
+            examples[task.name] = task.examples(text(), model)
+        return task_complete(task_path(task, c), task, examples[task.name], meta, c.label)
+
+    source = []
+
+    def text() -> TextSource:
+        if not source:
+            source.append(task_text(books, tokenizer, model))
+        return source[0]
+
     def complete(c) -> bool:
         return (ppl_complete(folders[c.label], base, names, c.label)
-                and (not lengths or bool(complete_speed_rows(folders[c.label], lengths))))
+                and (not lengths or bool(complete_speed_rows(folders[c.label], lengths)))
+                and all(task_done(t, c) for t in spec.tasks))
 
     pending = [c for c in configs if not complete(c)]
     print(f"sweep: {len(configs)} configuration(s), {len(skipped)} skipped, {len(configs) - len(pending)} already "
           f"complete in {out}; {len(pending)} to run in batches of {spec.batch_size}", file=sys.stderr)
-    prompts = source = None
+    prompts = prompt_source = None
     if lengths and pending:
-        prompts, source = speed_prompts(lengths, books, tokenizer, model.config.vocab_size)
+        prompts, prompt_source = speed_prompts(lengths, books, tokenizer, model.config.vocab_size)
     run_id = time.strftime("%Y%m%d-%H%M%S")
     bar = tqdm(total=len(configs), initial=len(configs) - len(pending), desc="sweep", unit="config", file=sys.stderr)
     for i in range(0, len(pending), spec.batch_size):
@@ -201,10 +272,16 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
         if spec.ppl:
             run_ppl(model, tokenized, batch, meta, spec.ctx_len, spec.stride, spec.max_tokens,
                     path_of=lambda c: folders[c.label] / "ppl.jsonl", mode=spec.mode,
-                    decode_interval=spec.decode_interval)
+                    decode_interval=spec.decode_interval, short_context=spec.short_context)
+        for task in spec.tasks:
+            todo = [c for c in batch if not task_done(task, c)]
+            if todo:
+                if task.name not in examples:
+                    examples[task.name] = task.examples(text(), model)
+                run_task(task, model, examples[task.name], todo, meta, lambda c, task=task: task_path(task, c))
         unmeasured = [c for c in batch if lengths and not complete_speed_rows(folders[c.label], lengths)]
         if unmeasured:
-            measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=source),
+            measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=prompt_source),
                           f"{run_id}-b{i // spec.batch_size}", folders, directory)
         bar.update(len(batch))
     bar.close()

@@ -7,7 +7,7 @@ modules: eval.ppl scores books by sliding windows, and adds the same `retained` 
 """
 
 from .base import TASKS, Example, Task, TextSource, build_task, register_task, run_task, sample_text, task_complete
-from . import recall  # noqa: F401  (registers; the order is the order of `python -m eval task --help`)
+from . import recall, continuation  # noqa: F401  (registers; the order is that of `python -m eval task --help`)
 
 __all__ = ["TASKS", "Example", "Task", "TextSource", "build_task", "register_task", "run_task", "sample_text",
            "task_complete"]
