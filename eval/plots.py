@@ -131,9 +131,9 @@ def retained_vs_budget(panels: dict[str, list[dict]], title: str, path: Path) ->
     return _save(fig, path)
 
 
-def needle_heatmaps(by_label: dict[str, dict[tuple, float]], title: str, path: Path) -> Path:
-    """by_label: config -> (depth, context) -> value in about [0, 1]: the needle-in-a-haystack picture, one
-    heatmap per configuration (rows: depth, columns: context length), each cell annotated."""
+def heatmaps(by_label: dict[str, dict[tuple, float]], title: str, row_name: str, col_name: str, path: Path) -> Path:
+    """by_label: config -> (row, column) -> value in about [0, 1], e.g. (depth, context): the
+    needle-in-a-haystack picture, one heatmap per configuration, each cell annotated."""
     labels = [label for label, cells in by_label.items() if cells]
     depths = sorted({d for cells in by_label.values() for d, _ in cells})
     contexts = sorted({c for cells in by_label.values() for _, c in cells})
@@ -152,8 +152,10 @@ def needle_heatmaps(by_label: dict[str, dict[tuple, float]], title: str, path: P
                 if v is not None:
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
         ax.set_xticks(range(len(contexts)), [str(c) for c in contexts], fontsize=7)
-        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
         ax.set_title(label, fontsize=7)
     fig.colorbar(image, ax=axes, shrink=0.6)
-    fig.suptitle(title + "  (x: context length, y: needle depth)", fontsize=9)
+    axes[-1][0].set_xlabel(col_name, fontsize=8)
+    axes[-1][0].set_ylabel(row_name, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)

@@ -53,11 +53,12 @@ def test_recall_puts_the_passage_where_it_says(model, text):
         assert at == round(depth * (context - 64))
         passage = e.prompt[at : at + 64]
         assert torch.equal(e.targets, passage) and e.scored == 64 - 8  # the cue, then the rest, scored
-        assert torch.equal(e.prompt[:at], e.control[:at])  # the same haystack, without the passage
-        assert torch.equal(e.prompt[at + 64 :], e.control[at : context - 64])
+        # the control differs only in the passage's span, which holds the haystack's next tokens instead
+        assert torch.equal(e.prompt[:at], e.control[:at]) and torch.equal(e.prompt[at + 64 :], e.control[at + 64 :])
         hay_name, hay_start = e.info["haystack"].split("@")
-        stream = dict(text.streams)[hay_name]
-        assert torch.equal(e.control, stream[int(hay_start) : int(hay_start) + context])
+        hay = dict(text.streams)[hay_name][int(hay_start) :]
+        assert torch.equal(e.prompt[:at], hay[:at]) and torch.equal(e.prompt[at + 64 :], hay[at : context - 64])
+        assert torch.equal(e.control[at : at + 64], hay[context - 64 : context])
         source, start = e.info["passage_from"].split("@")
         assert source != hay_name and torch.equal(passage, dict(text.streams)[source][int(start) : int(start) + 64])
     assert examples[0].info["passage_at"] == 0 and examples[2].info["passage_at"] == 300 - 64

@@ -6,8 +6,15 @@ the sweep runs them (`tasks:` in its YAML) and `python -m eval task NAME` runs o
 modules: eval.ppl scores books by sliding windows, and adds the same `retained` from its own forwards.
 """
 
+import importlib
+import pkgutil
+
 from .base import TASKS, Example, Task, TextSource, build_task, register_task, run_task, sample_text, task_complete
-from . import recall, continuation  # noqa: F401  (registers; the order is that of `python -m eval task --help`)
+
+# Every module of this package registers its task on import: a new task is one new file. Alphabetical.
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in ("base", "report"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["TASKS", "Example", "Task", "TextSource", "build_task", "register_task", "run_task", "sample_text",
            "task_complete"]

@@ -86,8 +86,14 @@ class Example:
 @dataclass
 class Task:
     name: ClassVar[str]
-    # Fields of the examples' keys that the report's tables and heatmaps group by.
-    axes: ClassVar[tuple[str, ...]] = ("context",)
+    about: ClassVar[str] = ""  # what is scored and against which control, for the report
+    # The raw metrics the report shows for the task: (record field, column title, format), means over examples
+    # (and per `kind`, for records that have one). These are those of the default score().
+    metrics: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("nll_full", "NLL, full KV", "{:.3f}"), ("nll", "NLL", "{:.3f}"), ("exact_full", "exact, full KV", "{:.2f}"),
+        ("exact", "exact", "{:.2f}"))
+    # Two fields of the examples' keys the report draws a heatmap of `retained` (or exact match) over, if any.
+    heatmap: ClassVar[tuple[str, str] | None] = None
     seed: int = 0
 
     def __post_init__(self):

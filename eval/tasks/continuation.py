@@ -57,7 +57,10 @@ def agreement(tokens: list[int], reference: list[int]) -> int:
 @dataclass
 class Continuation(Task):
     name = "continuation"
-    axes = ("context",)
+    about = ("full KV's greedy continuation of the prompt: KL from full KV, teacher-forced, and real greedy "
+             "generation; retained = 1 - KL(this) / KL(the prompt's last control_context tokens)")
+    metrics = (("kl", "KL(full‖this) nats/token", "{:.4f}"), ("top1", "top-1 agreement", "{:.3f}"),
+               ("agree_tokens", "greedy tokens before divergence", "{:.1f}"), ("rouge_l", "ROUGE-L F", "{:.3f}"))
     contexts: tuple[int, ...] = ()  # prompt lengths; () = half the trained length, and all of it but the new tokens
     new_tokens: int = 64  # the reference's length, and what every configuration generates
     trials: int = 4  # prompts per context

@@ -41,7 +41,9 @@ KEY_WORDS = ("apple", "river", "garden", "window", "candle", "horse", "mountain"
 @dataclass
 class Needle(Task):
     name = "needle"
-    axes = ("kind", "context", "depth")
+    about = ("a passkey, or one of several key-value facts, asked after the prompt: the answer's NLL, against the "
+             "prompt without the asked needle")
+    heatmap = ("depth", "context")
     kinds: tuple[str, ...] = KINDS
     contexts: tuple[int, ...] = ()  # prompt lengths with the needle(s); () = 1/4, 1/2 and all of the trained length
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the asked needle starts, as a share of the rest
@@ -102,7 +104,7 @@ class Needle(Task):
                         moved = [s + needle.numel() * (s >= at) for s in starts]  # the distractors in the prompt
                         if self.question_in_prompt:
                             prompt, control = torch.cat((prompt, question)), torch.cat((control, question))
-                        info = dict(needle_at=at, needle_tokens=needle.numel(), distractors_at=moved,
+                        info = dict(kind=kind, needle_at=at, needle_tokens=needle.numel(), distractors_at=moved,
                                     answer=text.tokenizer.decode(answer.tolist()).strip(), haystack=hay_name)
                         out.append(Example(dict(kind=kind, context=context, depth=depth, trial=trial), prompt,
                                            targets, answer.numel(), control, info))

@@ -3,7 +3,7 @@
 A passage (from another stream of text, or the same tokens shuffled) is inserted at a depth of a haystack;
 its first `cue_tokens` are repeated at the end, and the rest of the passage is teacher-forced after them.
 Full KV predicts the rest far better than a control that never saw the passage (the same haystack,
-uninterrupted, of the same length): an induction-style copy (Olsson et al. 2022) any model with induction
+with other haystack tokens in the passage's span): an induction-style copy (Olsson et al. 2022) any model with induction
 heads can do, tiny-pg19 included. `gain` is how much better than the control a configuration predicts it;
 `retained` the share of full KV's gain it keeps.
 """
@@ -22,7 +22,11 @@ from .base import Example, Task, TextSource, register_task
 @dataclass
 class Recall(Task):
     name = "recall"
-    axes = ("context", "depth")
+    about = ("a passage seen in the haystack, its first tokens repeated at the end: the NLL of the rest, against "
+             "the haystack without the passage")
+    metrics = (("gain_full", "full KV gain (nats/token)", "{:.3f}"), ("gain", "gain", "{:.3f}"),
+               ("exact", "exact", "{:.2f}"))
+    heatmap = ("depth", "context")
     contexts: tuple[int, ...] = ()  # haystack lengths with the passage; () = half and all of the trained length
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the passage starts, as a share of the haystack
     trials: int = 2  # haystacks (and passages) per (context, depth)
@@ -61,8 +65,12 @@ class Recall(Task):
             for context in contexts:
                 for depth in self.depths:
                     at = round(depth * (context - self.passage_tokens))
-                    prompt = torch.cat((hay[:at], passage, hay[at : context - self.passage_tokens]))
-                    control = hay[:context]
+                    rest = context - self.passage_tokens
+                    prompt = torch.cat((hay[:at], passage, hay[at:rest]))
+                    # The control holds, in the passage's span, the haystack tokens the prompt had no room for,
+                    # so that the two differ only there: with the haystack's next tokens appended instead, their
+                    # last tokens (which a recent window keeps) would differ too.
+                    control = torch.cat((hay[:at], hay[rest:context], hay[at:rest]))
                     targets, scored = passage, self.passage_tokens - self.cue_tokens
                     if self.cue_in_prompt:
                         prompt, control = torch.cat((prompt, cue)), torch.cat((control, cue))

@@ -11,20 +11,11 @@ from pathlib import Path
 
 from .. import plots
 from ..markdown import table
-from .base import TASK_RECORD_KEYS
+from .base import TASK_RECORD_KEYS, TASKS, Task
 from ..results import read_jsonl
 
-# Raw metrics shown per task: (record field, column title, format); means over the examples.
-RAW_METRICS = {
-    "ppl": [("kl", "KL(full‖this) nats/token", "{:.4f}"), ("top1", "top-1 agreement", "{:.3f}"),
-            ("key_tokens", "key tokens", "{:.0f}")],
-    "recall": [("gain_full", "full KV gain (nats/token)", "{:.3f}"), ("gain", "gain", "{:.3f}"),
-               ("exact", "exact", "{:.2f}")],
-    "needle": [("nll_full", "answer NLL, full KV", "{:.3f}"), ("nll", "answer NLL", "{:.3f}"),
-               ("exact_full", "exact, full KV", "{:.2f}"), ("exact", "exact", "{:.2f}")],
-    "continuation": [("kl", "KL(full‖this) nats/token", "{:.4f}"), ("top1", "top-1 agreement", "{:.3f}"),
-                     ("agree_tokens", "greedy tokens before divergence", "{:.1f}"), ("rouge_l", "ROUGE-L F", "{:.3f}")],
-}
+# PPL's raw metrics (PPL is eval.ppl's, not a Task: its records weigh by the tokens of each book).
+PPL_METRICS = (("kl", "KL(full‖this) nats/token", "{:.4f}"), ("top1", "top-1 agreement", "{:.3f}"))
 
 
 def read_task_records(folder: Path, label: str) -> list[dict]:
@@ -51,6 +42,10 @@ def ppl_retained(records: list[dict], key_tokens: bool = False) -> float | None:
         "nll_compressed_sum", "nll_full_sum", "nll_short_sum")
     gain_full = sum(r[short] - r[full] for r in rows)
     return sum(r[short] - r[this] for r in rows) / gain_full if gain_full > 1e-9 else None
+
+
+def folder_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in name)
 
 
 def _fmt(x) -> str:
@@ -84,31 +79,31 @@ def task_table(tasks: list[dict], configs: list[dict] | None = None, ppl: list[d
 
 
 def raw_tables(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> list[str]:
-    """A table per task of its raw metrics per configuration (means over examples; PPL: token-weighted)."""
+    """A table per task (and kind) of its raw metrics per configuration: means over examples, over books
+    weighted by their tokens for PPL (with the key tokens counted)."""
     out = []
-    groups = [("ppl", [r for r in ppl if "kl" in r])] + [(t, [r for r in tasks if r["task"] == t])
-                                                         for t in task_names(tasks)]
-    for name, records in groups:
-        if not records:
-            continue
-        metrics = RAW_METRICS.get(name, [("gain_full", "full KV gain", "{:.3f}"), ("gain", "gain", "{:.3f}")])
+    groups = [("ppl", PPL_METRICS, [r for r in ppl if "kl" in r])]
+    groups += [(t, TASKS.get(t, Task).metrics, [r for r in tasks if r["task"] == t]) for t in task_names(tasks)]
+    for name, metrics, records in groups:
         kinds = sorted({r.get("kind") for r in records if r.get("kind")}) or [None]
-        for kind in kinds:
+        for kind in kinds if records else []:
             rows = []
             for c in configs:
                 mine = [r for r in records if r["label"] == c["label"] and (kind is None or r.get("kind") == kind)]
                 if not mine:
                     continue
-                weights = [r.get("compressed_tokens", 1) if name == "ppl" else 1 for r in mine]
+                weights = [r["compressed_tokens"] if name == "ppl" else 1 for r in mine]
                 row = [c["label"], len(mine)]
                 for key, _, fmt in metrics:
                     values = [(float(r[key]), w) for r, w in zip(mine, weights) if r.get(key) is not None]
                     total = sum(w for _, w in values)
                     row.append(fmt.format(sum(v * w for v, w in values) / total) if total else "")
+                if name == "ppl":
+                    row.append(sum(r["key_tokens"] for r in mine))
                 rows.append(row)
             title = name + (f" ({kind})" if kind else "")
-            out += [f"**{title}**", "", table(["config", "books" if name == "ppl" else "examples"] +
-                                              [title_ for _, title_, _ in metrics], rows), ""]
+            header = ["config", "books" if name == "ppl" else "examples"] + [t for _, t, _ in metrics]
+            out += [f"**{title}**", "", table(header + (["key tokens"] if name == "ppl" else []), rows), ""]
     return out
 
 
@@ -127,22 +122,25 @@ def budget_panels(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> di
     return panels
 
 
-def needle_cells(tasks: list[dict], configs: list[dict]) -> dict[str, dict[str, dict[tuple, float]]]:
-    """kind -> label -> (depth, context) -> value: the exact-match rate when full KV finds some needle of that
-    kind, else retained (a model that cannot retrieve, as tiny-pg19, still shows what compression removes)."""
-    needle = [r for r in tasks if r["task"] == "needle"]
+def heatmap_cells(task: str, tasks: list[dict], configs: list[dict]) -> dict[str, dict[str, dict[tuple, float]]]:
+    """Per kind of example (one when records have no `kind`): label -> (row, column) -> value, over the two
+    key fields the task names (Task.heatmap). The value is the exact-match rate when full KV gets some example
+    of that kind exactly right, else retained (a model that cannot retrieve, as tiny-pg19, still shows what
+    compression removes)."""
+    rows_key, cols_key = TASKS[task].heatmap
+    records = [r for r in tasks if r["task"] == task]
     out: dict[str, dict[str, dict[tuple, float]]] = {}
-    for kind in sorted({r["kind"] for r in needle}):
-        mine = [r for r in needle if r["kind"] == kind]
-        exact = any(r["exact_full"] for r in mine)
+    for kind in sorted({r.get("kind", "") for r in records}):
+        mine = [r for r in records if r.get("kind", "") == kind]
+        exact = any(r.get("exact_full") for r in mine)
+        title = f"{task}{' ' + kind if kind else ''} ({'exact match' if exact else 'retained'})"
         for c in configs:
             cells: dict[tuple, list[dict]] = {}
             for r in mine:
                 if r["label"] == c["label"]:
-                    cells.setdefault((r["example"]["depth"], r["example"]["context"]), []).append(r)
-            values = {k: (sum(r["exact"] for r in rs) / len(rs) if exact else retained_of(rs))
-                      for k, rs in cells.items()}
-            out.setdefault(f"{kind} ({'exact match' if exact else 'retained'})", {})[c["label"]] = values
+                    cells.setdefault((r["example"][rows_key], r["example"][cols_key]), []).append(r)
+            out.setdefault(title, {})[c["label"]] = {
+                k: (sum(r["exact"] for r in rs) / len(rs) if exact else retained_of(rs)) for k, rs in cells.items()}
     return out
 
 
@@ -150,24 +148,28 @@ def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: P
     """The report's markdown for the tasks, with its figures written under out/plots."""
     if not tasks and not any("nll_short_sum" in r for r in ppl):
         return []
+    about = [("ppl", "the windows' targets through the compressed prompt, against the same targets predicted "
+                     "from only their last `short_context` tokens; key tokens: those the long context helps most "
+                     "(LongPPL's criterion)")] if any("nll_short_sum" in r for r in ppl) else []
+    about += [(t, TASKS[t].about) for t in task_names(tasks) if t in TASKS]
     lines = ["## What compression costs: retained per task", "",
              "`retained` = the share of full KV's advantage over each task's control that a configuration keeps "
-             "(1 = as good as full KV, 0 = as if the context were not there). PPL: over the tokens predicted "
-             "through a compressed prompt, against the same targets predicted from only the last `short_context` "
-             "tokens; key tokens: those the long context helps most (LongPPL's criterion). recall: a passage "
-             "seen in the haystack, cued at the end, vs a haystack without it. needle: the answer to a passkey or "
-             "key-value question vs a haystack without the needle. continuation: full KV's greedy continuation vs "
-             "a short prompt.", "",
+             "(1 = as good as full KV, 0 = as if the context were not there; docs/tasks.md).", "",
+             *[f"- **{name}**: {text}" for name, text in about], "",
              table(*retained_rows(configs, ppl, tasks)), ""]
     panels = budget_panels(configs, ppl, tasks)
     if panels:
         plots.retained_vs_budget(panels, "retained vs KV budget (higher is better; 1 = full KV)",
                                  out / "plots" / "retained_vs_budget.png")
         lines += ["![retained vs KV budget](plots/retained_vs_budget.png)", ""]
-    cells = needle_cells(tasks, [c for c in configs])
-    for i, (kind, by_label) in enumerate(cells.items()):
-        name = f"needle_{i}.png"
-        plots.needle_heatmaps(by_label, f"needle: {kind} by depth and context length", out / "plots" / name)
-        lines += [f"![needle {kind}](plots/{name})", ""]
+    for task in task_names(tasks):
+        if task not in TASKS or TASKS[task].heatmap is None:
+            continue
+        rows_key, cols_key = TASKS[task].heatmap
+        for title, by_label in heatmap_cells(task, tasks, configs).items():
+            name = folder_safe(f"{task}_{title.split(' (')[0].replace(' ', '_')}_heatmap.png")
+            plots.heatmaps(by_label, f"{title} by {rows_key} (rows) and {cols_key} (columns)", rows_key, cols_key,
+                           out / "plots" / name)
+            lines += [f"![{title}](plots/{name})", ""]
     lines += ["### Raw metrics per task", ""] + raw_tables(configs, ppl, tasks)
     return lines
