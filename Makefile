@@ -24,7 +24,8 @@ $(VENV)/.installed: pyproject.toml
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# The compact grid (eval/configs/compact.yaml): none, KnormPress, SnapKV, StreamingLLM and H2O, short runs.
+# The compact grid (eval/configs/compact.yaml): none, KnormPress, SnapKV, StreamingLLM and H2O, short runs of
+# PPL, the tasks (recall, needle, continuation) and speed.
 eval: venv
 	$(BIN)/python -m eval sweep eval/configs/compact.yaml $(if $(MODEL),--model $(MODEL)) --data $(DATA) \
 		--out $(OUT) $(EVAL_ARGS)

@@ -2,11 +2,13 @@
 
     python -m eval sweep eval/configs/compact.yaml --out results/eval   (what `make eval` runs)
     python -m eval ppl --model DIR --data DIR --out results/ppl [--compressor snapkv ...]
+    python -m eval task recall --model DIR [--data DIR] [--set trials=4] --out results/recall [--compressor ...]
     python -m eval speed --model DIR --prompt-lens 512,1024,2048 --new-tokens 64 --compressor snapkv --out results/speed
     python -m eval report results/eval
     python -m eval bench
 
-`sweep` is the engine (eval.sweep.run_sweep); `ppl` and `speed` run it on a grid of one compressor.
+`sweep` is the engine (eval.sweep.run_sweep); `ppl`, `task` and `speed` run it on a grid of one compressor.
+The tasks beyond PPL (recall, needle, continuation) are in eval.tasks.
 """
 
 from .data import Book, DataError, load_books, tokenized_books

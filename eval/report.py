@@ -214,6 +214,8 @@ def load_sweep(out: Path) -> Results:
         if missing:
             unfinished.append([c["label"], ", ".join(missing)])
     speed.sort(key=lambda r: r["prompt_len"])  # stable: configurations keep their order at each length
+    order = [t for t in s.get("tasks") or {} if t != "ppl"]  # the tasks in the order the sweep lists them
+    tasks.sort(key=lambda r: order.index(r["task"]) if r["task"] in order else len(order))
     shape = (f"{sweep['parameters'] / 1e6:.1f}M parameters: {arch['layers']} layers, hidden {arch['hidden']}, "
              f"{arch['heads']} heads, vocabulary {arch['vocab']}, trained on {arch['trained_positions']} positions"
              if arch else "shape not recorded")

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+import eval.ppl
 import eval.sweep
 import eval.tasks.base
 from eval.__main__ import main
@@ -217,6 +218,8 @@ max_tokens: 96
 tasks:
   - ppl: {{short_context: 8}}
   - recall: {{contexts: [64], depths: [0.2, 0.8], trials: 1, passage_tokens: 16, cue_tokens: 4}}
+  - needle: {{kinds: [passkey], contexts: [120], depths: [0.5], trials: 1}}
+  - continuation: {{contexts: [64], new_tokens: 4, trials: 1, control_context: 8}}
 policies:
   - {{compressor: none}}
   - {{compressor: snapkv, window_size: 4, max_capacity_prompt: 16}}
@@ -240,11 +243,16 @@ def test_a_sweep_runs_its_tasks_resumes_them_and_reports_retained(tiny_checkpoin
         assert [r["example"]["depth"] for r in records] == [0.2, 0.8] and all(r["task"] == "recall" for r in records)
         assert all("retained" in r for r in read_jsonl(out / label / "ppl.jsonl"))
     assert all(r["retained"] in (1.0, None) for r in read_jsonl(out / "none" / "recall.jsonl"))
+    for task in ("needle", "continuation"):
+        assert [r["task"] for r in read_jsonl(out / "snapkv_w4_c16_k5_avgpool" / f"{task}.jsonl")] == [task]
     settings = json.loads((out / "sweep.json").read_text())["settings"]
     assert settings["tasks"]["recall"]["trials"] == 1 and settings["tasks"]["ppl"] == {"short_context": 8}
     report = (out / "report.md").read_text()
-    assert "retained per task" in report and "| config | KV kept | PPL | PPL key tokens | recall |" in report
-    assert (out / "plots" / "retained_vs_budget.png").is_file()
+    assert "retained per task" in report
+    assert "| config | KV kept per head | PPL | PPL key tokens | recall | needle | continuation |" in report
+    assert "**needle (passkey)**" in report and "ROUGE-L F" in report  # the raw metrics, as the tasks declare them
+    for plot in ("retained_vs_budget", "recall_heatmap", "needle_passkey_heatmap"):
+        assert (out / "plots" / f"{plot}.png").is_file() and f"plots/{plot}.png" in report
 
     def fail(*args, **kwargs):
         raise AssertionError("a complete task was scored again")
@@ -254,8 +262,8 @@ def test_a_sweep_runs_its_tasks_resumes_them_and_reports_retained(tiny_checkpoin
     assert run_cli(main, argv) == 0
     assert "2 already complete" in capsys.readouterr().err
     monkeypatch.undo()
-    # another setting of a task already in the folder is refused; a new task is added to it
-    (tmp_path / "s2.yaml").write_text(SWEEP.format(books=books).replace("trials: 1", "trials: 2"))
+    # another setting of a task already in the folder is refused
+    (tmp_path / "s2.yaml").write_text(SWEEP.format(books=books).replace("passage_tokens: 16", "passage_tokens: 12"))
     assert run_cli(main, ["sweep", str(tmp_path / "s2.yaml"), "--model", str(tiny_checkpoint), "--out",
                           str(out)]) == 2
     assert "holds task recall with other settings" in capsys.readouterr().err
@@ -275,3 +283,26 @@ def test_task_command_runs_on_text_the_model_samples_without_data(tiny_checkpoin
         assert run_cli(main, ["task", "recall", "--model", str(tiny_checkpoint), "--set", bad, "--out",
                               str(tmp_path / "bad")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_tasks_are_added_to_a_folder_that_holds_ppl_only(tiny_checkpoint, tmp_path, monkeypatch):
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 60))
+    full = SWEEP.format(books=books)
+    ppl_only = "\n".join(line for line in full.splitlines() if not line.lstrip().startswith(("- recall", "- needle",
+                                                                                           "- continuation")))
+    (tmp_path / "ppl.yaml").write_text(ppl_only)
+    (tmp_path / "all.yaml").write_text(full)
+    out = tmp_path / "out"
+    assert run_cli(main, ["sweep", str(tmp_path / "ppl.yaml"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert not (out / "none" / "recall.jsonl").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("PPL was computed again")
+
+    monkeypatch.setattr(eval.ppl, "sliding_window_scores", fail)
+    assert run_cli(main, ["sweep", str(tmp_path / "all.yaml"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    assert len(read_jsonl(out / "none" / "recall.jsonl")) == 2
+    assert set(json.loads((out / "sweep.json").read_text())["settings"]["tasks"]) == {"ppl", "recall", "needle",
+                                                                                      "continuation"}

@@ -60,7 +60,7 @@ def retained_rows(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> tu
     """(header, rows) of the retained table: a row per configuration, a column per task."""
     names = task_names(tasks)
     has_ppl = any("nll_short_sum" in r for r in ppl)
-    header = ["config", "KV kept"] + (["PPL", "PPL key tokens"] if has_ppl else []) + names
+    header = ["config", "KV kept per head"] + (["PPL", "PPL key tokens"] if has_ppl else []) + names
     rows = []
     for c in configs:
         mine = [r for r in ppl if r["label"] == c["label"]]
@@ -167,7 +167,7 @@ def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: P
             continue
         rows_key, cols_key = TASKS[task].heatmap
         for title, by_label in heatmap_cells(task, tasks, configs).items():
-            name = folder_safe(f"{task}_{title.split(' (')[0].replace(' ', '_')}_heatmap.png")
+            name = folder_safe(title.split(" (")[0].replace(" ", "_") + "_heatmap.png")  # e.g. needle_passkey_...
             plots.heatmaps(by_label, f"{title} by {rows_key} (rows) and {cols_key} (columns)", rows_key, cols_key,
                            out / "plots" / name)
             lines += [f"![{title}](plots/{name})", ""]
