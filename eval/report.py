@@ -211,6 +211,10 @@ def load_sweep(out: Path) -> Results:
         missing = [f"PPL of {len(books) - len({r['book'] for r in records})} of {len(books)} books"] \
             if {r["book"] for r in records} < set(books) else []
         missing += ["speed"] if lengths and not complete else []
+        for task, n in sweep.get("task_examples", {}).items():
+            done = len({json.dumps(r["example"], sort_keys=True) for r in tasks if r["label"] == c["label"]
+                        and r["task"] == task})
+            missing += [f"{task}: {n - done} of {n} examples"] if done < n else []
         if missing:
             unfinished.append([c["label"], ", ".join(missing)])
     speed.sort(key=lambda r: r["prompt_len"])  # stable: configurations keep their order at each length

@@ -287,6 +287,8 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
     bar.close()
 
     t_end = clock(model.embed_in.weight.device)
+    # How many examples each task has, so that the report can tell a configuration that has not scored them all.
+    summary["task_examples"] = {**previous.get("task_examples", {}), **{k: len(v) for k, v in examples.items()}}
     summary["runs"] = summary["runs"] + [dict(command=command, started=started, wall_seconds=round(t_end - t0, 1),
                                               configs_run=len(pending))]
     write_json(summary_path, summary)

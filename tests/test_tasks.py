@@ -262,6 +262,12 @@ def test_a_sweep_runs_its_tasks_resumes_them_and_reports_retained(tiny_checkpoin
     assert run_cli(main, argv) == 0
     assert "2 already complete" in capsys.readouterr().err
     monkeypatch.undo()
+    assert json.loads((out / "sweep.json").read_text())["task_examples"] == dict(recall=2, needle=1, continuation=1)
+    lines = (out / "none" / "recall.jsonl").read_text().splitlines()
+    (out / "none" / "recall.jsonl").write_text(lines[0] + "\n")  # an interrupted run: the report says so
+    from eval.report import write_report
+
+    assert "| none | recall: 1 of 2 examples |" in write_report(out).read_text()
     # another setting of a task already in the folder is refused
     (tmp_path / "s2.yaml").write_text(SWEEP.format(books=books).replace("passage_tokens: 16", "passage_tokens: 12"))
     assert run_cli(main, ["sweep", str(tmp_path / "s2.yaml"), "--model", str(tiny_checkpoint), "--out",
