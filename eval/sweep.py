@@ -19,6 +19,7 @@ written with other settings, so a folder never mixes two setups.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -235,24 +236,21 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
     names = [name for name, _, _ in tokenized] if spec.ppl else []
     lengths = spec.speed.prompt_lengths if spec.speed else []
 
+    text = functools.cache(lambda: task_text(books, tokenizer, model))  # sampling it costs: only when needed
     examples = {}  # task name -> its examples, built when a configuration needs them
+
+    def examples_of(task):
+        if task.name not in examples:
+            examples[task.name] = task.examples(text(), model)
+        return examples[task.name]
 
     def task_path(task, c) -> Path:
         return folders[c.label] / f"{task.name}.jsonl"
 
     def task_done(task, c) -> bool:
-        if task.name not in examples:  # a folder with no record of the task cannot be complete
-            if not task_path(task, c).is_file():
-                return False
-            examples[task.name] = task.examples(text(), model)
-        return task_complete(task_path(task, c), task, examples[task.name], meta, c.label)
-
-    source = []
-
-    def text() -> TextSource:
-        if not source:
-            source.append(task_text(books, tokenizer, model))
-        return source[0]
+        # (a folder without the task's file is not complete: no need to build the examples to know it)
+        return task_path(task, c).is_file() and task_complete(task_path(task, c), task, examples_of(task), meta,
+                                                              c.label)
 
     def complete(c) -> bool:
         return (ppl_complete(folders[c.label], base, names, c.label)
@@ -276,9 +274,7 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
         for task in spec.tasks:
             todo = [c for c in batch if not task_done(task, c)]
             if todo:
-                if task.name not in examples:
-                    examples[task.name] = task.examples(text(), model)
-                run_task(task, model, examples[task.name], todo, meta, lambda c, task=task: task_path(task, c))
+                run_task(task, model, examples_of(task), todo, meta, lambda c, task=task: task_path(task, c))
         unmeasured = [c for c in batch if lengths and not complete_speed_rows(folders[c.label], lengths)]
         if unmeasured:
             measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=prompt_source),
