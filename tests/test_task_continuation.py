@@ -190,7 +190,7 @@ def test_bad_settings(settings, match):
 @pytest.mark.parametrize("settings, match", [
     (dict(contexts=[1000], new_tokens=64), "needs 1064 positions, more than the model's 1024"),
     (dict(contexts=[32], control_context=32), r"control_context \(32\) must be shorter"),
-    (dict(contexts=[600], trials=3), "sampled-0 has 1024 tokens, too few for trial 2's 600-token prompt"),
+    (dict(contexts=[600], trials=3), "sampled-0 has 1024 tokens, too few for trial 2's 600 tokens"),
 ])
 def test_settings_the_model_or_text_cannot_serve(settings, match, text, model):
     with pytest.raises(ValueError, match=match) as error:

@@ -198,5 +198,5 @@ def test_examples_that_cannot_be_built_raise(model, text):
         Needle(kinds=("multikey",), contexts=(40,)).examples(text, model)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         Needle().examples(TextSource(text.streams, "no tokenizer"), model)
-    with pytest.raises(ValueError, match="too few for trial 0's 512-token haystack"):
+    with pytest.raises(ValueError, match="too few for trial 0's 512 tokens"):
         Needle(contexts=(512,)).examples(TextSource([("short", torch.arange(300))], "short", text.tokenizer), model)

@@ -49,6 +49,17 @@ class TextSource:
     def stream(self, i: int) -> tuple[str, torch.Tensor]:
         return self.streams[i % len(self.streams)]
 
+    def cut(self, task: str, trial: int, length: int, reserved: int = 0) -> tuple[str, torch.Tensor]:
+        """Trial t's `length` tokens (a haystack, a prompt) and their name "stream@start": stream t (cycling),
+        at an offset that moves on each time the streams repeat; the last `reserved` tokens of a stream are
+        left alone. A one-line ValueError when the stream is too short."""
+        name, ids = self.stream(trial)
+        start = (trial // len(self.streams)) * length
+        if start + length > ids.numel() - reserved:
+            raise ValueError(f"{task}: {name} has {ids.numel()} tokens, too few for trial {trial}'s {length} tokens; "
+                             f"give longer or more books, or fewer trials")
+        return f"{name}@{start}", ids[start : start + length]
+
     def longest(self) -> int:
         return max(ids.numel() for _, ids in self.streams)
 
@@ -102,7 +113,13 @@ class Task:
         self.validate()
 
     def validate(self):
-        """Raises ValueError on settings of the right type the task cannot use."""
+        """Raises ValueError on settings of the right type the task cannot use (those every task has, here)."""
+        if any(c < 1 for c in getattr(self, "contexts", ())):
+            raise ValueError(f"{self.name}: contexts must be positive, got {list(self.contexts)}")
+        if hasattr(self, "depths") and (not self.depths or any(not 0 <= d <= 1 for d in self.depths)):
+            raise ValueError(f"{self.name}: depths must be shares in [0, 1], got {list(self.depths)}")
+        if getattr(self, "trials", 1) < 1:
+            raise ValueError(f"{self.name}: trials must be >= 1, got {self.trials}")
 
     def settings(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

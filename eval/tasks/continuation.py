@@ -67,14 +67,11 @@ class Continuation(Task):
     control_context: int = 32  # the control sees only the prompt's last tokens
 
     def validate(self):
-        if any(c < 1 for c in self.contexts):
-            raise ValueError(f"continuation: contexts must be positive, got {list(self.contexts)}")
+        super().validate()
         # The first token comes from the prefill's full-KV logits whatever the compressor: with one token,
         # there would be nothing the compression could change.
         if self.new_tokens < 2:
             raise ValueError(f"continuation: new_tokens must be >= 2, got {self.new_tokens}")
-        if self.trials < 1:
-            raise ValueError(f"continuation: trials must be >= 1, got {self.trials}")
         if self.control_context < 1:
             raise ValueError(f"continuation: control_context must be >= 1, got {self.control_context}")
 
@@ -95,19 +92,14 @@ class Continuation(Task):
         longest = max(contexts)
         out = []
         for trial in range(self.trials):
-            # Stream t (cycling), at an offset that moves on each time the streams repeat (as recall's haystacks).
-            name, ids = text.stream(trial)
-            start = (trial // len(text.streams)) * longest
-            if start + longest > ids.numel():
-                raise ValueError(f"continuation: {name} has {ids.numel()} tokens, too few for trial {trial}'s "
-                                 f"{longest}-token prompt; give longer or more books, or fewer trials")
+            where, text_ids = text.cut(self.name, trial, longest)
             for context in contexts:
-                prompt = ids[start : start + context]
+                prompt = text_ids[:context]
                 prefill = Prefill.record(model, prompt.view(1, -1).to(device))
                 reference = greedy(model, prefill, prefill.replay(model, None), self.new_tokens)
                 out.append(Example(dict(context=context, trial=trial), prompt, torch.tensor(reference),
                                    self.new_tokens, prompt[-self.control_context :],
-                                   dict(prompt_from=f"{name}@{start}", reference=self.text_of(reference))))
+                                   dict(prompt_from=where, reference=self.text_of(reference))))
         return out
 
     def text_of(self, tokens: list[int]) -> str:

@@ -53,15 +53,10 @@ class Needle(Task):
     question_in_prompt: bool = False  # True: the question ends the compressed prompt (query-aware policies see it)
 
     def validate(self):
+        super().validate()
         unknown = [k for k in self.kinds if k not in KINDS]
         if not self.kinds or unknown:
             raise ValueError(f"needle: kinds must be some of {', '.join(KINDS)}, got {list(self.kinds)}")
-        if any(c < 1 for c in self.contexts):
-            raise ValueError(f"needle: contexts must be positive, got {list(self.contexts)}")
-        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
-            raise ValueError(f"needle: depths must be shares in [0, 1], got {list(self.depths)}")
-        if self.trials < 1:
-            raise ValueError(f"needle: trials must be >= 1, got {self.trials}")
         if not 1 <= self.digits <= 18:  # 18 digits still fit an int64
             raise ValueError(f"needle: digits must be in [1, 18], got {self.digits}")
         if not 2 <= self.keys <= min(len(KEY_WORDS), 9 * 10 ** (self.digits - 1)):  # distinct keys and values
@@ -84,7 +79,7 @@ class Needle(Task):
         for kind in self.kinds:
             for trial in range(self.trials):
                 needle, question, answer, distractors, depths = self.facts(kind, trial, encode)
-                hay_name, hay = self.haystack(text, trial, max(contexts))
+                hay_name, hay = text.cut(self.name, trial, max(contexts))
                 targets = answer if self.question_in_prompt else torch.cat((question, answer))
                 fact_tokens = sum(f.numel() for f in distractors) + needle.numel()
                 for context in contexts:
@@ -152,12 +147,3 @@ class Needle(Task):
             if start < at < start + fact.numel():
                 return start if at - start <= start + fact.numel() - at else start + fact.numel()
         return at
-
-    def haystack(self, text: TextSource, trial: int, length: int) -> tuple[str, torch.Tensor]:
-        """Trial t's haystack: stream t (cycling), at an offset that moves on each time the streams repeat."""
-        name, ids = text.stream(trial)
-        start = (trial // len(text.streams)) * length
-        if start + length > ids.numel():
-            raise ValueError(f"needle: {name} has {ids.numel()} tokens, too few for trial {trial}'s {length}-token "
-                             f"haystack; give longer or more books, or fewer trials")
-        return f"{name}@{start}", ids[start : start + length]

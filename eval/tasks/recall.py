@@ -3,9 +3,9 @@
 A passage (from another stream of text, or the same tokens shuffled) is inserted at a depth of a haystack;
 its first `cue_tokens` are repeated at the end, and the rest of the passage is teacher-forced after them.
 Full KV predicts the rest far better than a control that never saw the passage (the same haystack,
-with other haystack tokens in the passage's span): an induction-style copy (Olsson et al. 2022) any model with induction
-heads can do, tiny-pg19 included. `gain` is how much better than the control a configuration predicts it;
-`retained` the share of full KV's gain it keeps.
+with other haystack tokens in the passage's span): an induction-style copy (Olsson et al. 2022) any model
+with induction heads can do, tiny-pg19 included. `gain` is how much better than the control a configuration
+predicts it; `retained` the share of full KV's gain it keeps.
 """
 
 from __future__ import annotations
@@ -36,12 +36,7 @@ class Recall(Task):
     cue_in_prompt: bool = False  # True: the cue is part of the compressed prompt (query-aware policies see it)
 
     def validate(self):
-        if any(c < 1 for c in self.contexts):
-            raise ValueError(f"recall: contexts must be positive, got {list(self.contexts)}")
-        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
-            raise ValueError(f"recall: depths must be shares in [0, 1], got {list(self.depths)}")
-        if self.trials < 1:
-            raise ValueError(f"recall: trials must be >= 1, got {self.trials}")
+        super().validate()
         if not 1 <= self.cue_tokens < self.passage_tokens:
             raise ValueError(f"recall: cue_tokens must be in [1, passage_tokens), got {self.cue_tokens}")
 
@@ -59,7 +54,7 @@ class Recall(Task):
         longest = max(contexts)
         out = []
         for trial in range(self.trials):
-            hay_name, hay = self.haystack(text, trial, longest)
+            hay_name, hay = text.cut(self.name, trial, longest, self.reserved(text))
             source, passage = self.pick_passage(text, trial)
             cue = passage[: self.cue_tokens]
             for context in contexts:
@@ -82,15 +77,6 @@ class Recall(Task):
     def reserved(self, text: TextSource) -> int:
         """Tokens at the end of a lone stream kept for passages, so that no haystack contains its own passage."""
         return 4 * self.passage_tokens if len(text.streams) == 1 else 0
-
-    def haystack(self, text: TextSource, trial: int, length: int) -> tuple[str, torch.Tensor]:
-        """Trial t's haystack: stream t (cycling), at an offset that moves on each time the streams repeat."""
-        name, ids = text.stream(trial)
-        start = (trial // len(text.streams)) * length
-        if start + length > ids.numel() - self.reserved(text):
-            raise ValueError(f"recall: {name} has {ids.numel()} tokens, too few for trial {trial}'s {length}-token "
-                             f"haystack; give longer or more books, or fewer trials")
-        return f"{name}@{start}", ids[start : start + length]
 
     def pick_passage(self, text: TextSource, trial: int) -> tuple[str, torch.Tensor]:
         """A passage from the next stream (another book), at a seeded offset; with one stream, from its end."""
