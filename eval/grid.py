@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from minipythia.compressors import COMPRESSORS, Compressor, build_compressor, import_policies
-from minipythia.compressors.base import settings_of
+from minipythia.compressors.base import STORAGE_SETTINGS, settings_of
 from minipythia.generate import WARMUP_STEPS
 from minipythia.weights import DTYPES
 
@@ -294,8 +294,9 @@ def _policies(raw, where: str) -> list[Policy]:
             if key == "compressor":
                 continue
             if key not in settings:
-                allowed = ", ".join(settings) or "none"
-                raise ConfigError(f"{at}: {name} has no setting {key!r}; its settings: {allowed}")
+                own = ", ".join(k for k in settings if k not in STORAGE_SETTINGS) or "none"
+                raise ConfigError(f"{at}: {name} has no setting {key!r}; its settings: {own} (and "
+                                  f"{', '.join(STORAGE_SETTINGS)}, which every policy has)")
             setting = settings[key]
             # For a sequence-valued setting a flat list is one value, a list of lists an axis.
             if setting.is_sequence:

@@ -27,7 +27,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def ppl_vs_budget(points: list[dict], full_ppl: float | None, window_prompt: int, title: str, path: Path) -> Path:
+def ppl_vs_budget(points: list[dict], full_ppl: float | None, window_prompt: int, title: str, path: Path,
+                  x_label: str = "kept KV entries per head") -> Path:
     """points: {policy, kept, ppl} for every configuration. One line per policy through its lowest PPL at
     each budget (several variants can share a budget), every configuration as a faint dot, full KV dashed."""
     policies = list(dict.fromkeys(p["policy"] for p in points))
@@ -45,7 +46,8 @@ def ppl_vs_budget(points: list[dict], full_ppl: float | None, window_prompt: int
             ax.scatter([p["kept"] for p in mine], [p["ppl"] for p in mine], s=12, alpha=0.3, color=colors[policy])
     if full_ppl is not None:
         ax.axhline(full_ppl, linestyle="--", color="black", label=f"full KV (none): {full_ppl:.2f}")
-    ax.set_xlabel(f"kept KV entries per head (of a {window_prompt}-token window prompt; mean over layers)")
+    ax.set_xlabel(f"{x_label} (of a {window_prompt}-token window prompt; mean over layers)" if window_prompt
+                  else x_label)
     ax.set_ylabel("perplexity (PPL, lower is better)")
     if window_prompt > 0:
         top = ax.secondary_xaxis("top", functions=(lambda x: x / window_prompt, lambda f: f * window_prompt))
@@ -103,7 +105,8 @@ def overhead_vs_prompt(panels: dict[str, dict[str, list[dict]]], title: str, pat
                             ("compress_pct", "compression time\n(% of TTFT)")], [], title, path)
 
 
-def retained_vs_budget(panels: dict[str, list[dict]], title: str, path: Path) -> Path:
+def retained_vs_budget(panels: dict[str, list[dict]], title: str, path: Path,
+                       x_label: str = "kept KV entries per head") -> Path:
     """panels: task -> [{policy, kept, retained}]: a panel per task, a line per policy through its best
     retained at each budget, so that PPL and the retrieval tasks sit side by side on one y scale."""
     names = list(panels)
@@ -122,7 +125,7 @@ def retained_vs_budget(panels: dict[str, list[dict]], title: str, path: Path) ->
         ax.axhline(1.0, linestyle="--", color="black", linewidth=1)
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("kept KV entries per head")
+        ax.set_xlabel(x_label, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("retained (1 = full KV, 0 = no context)")
     axes[0][-1].legend(fontsize=7)

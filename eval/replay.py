@@ -3,13 +3,14 @@
 A prompt is prefilled once (Prefill.record, full KV); each compressor's cache is replayed from it, one alive
 at a time, and the targets are teacher-forced through it in one forward. The first target is predicted by
 the prefill's last logits, which saw the full KV whatever the compressor (as generation's first token).
-Kept entries are copies of the one prefill's, so caches that kept the same positions are the same cache and
-give the same logits: those are measured once (a budget at or above the prompt keeps everything, as none
-does, and so gives exactly none's figures).
+Kept entries are copies of the one prefill's, so caches that kept the same positions (and store them alike)
+are the same cache and give the same logits: those are measured once (a budget at or above the prompt keeps
+everything, as none does, and so gives exactly none's figures).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
@@ -20,9 +21,23 @@ from minipythia.timing import clock
 Result = TypeVar("Result")
 
 
-def same_positions(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    """Whether two caches of one prefill kept the same entries in every layer, head and batch row."""
-    return all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+@dataclass
+class Kept:
+    """What a replayed cache of one prefill holds: its entries' positions per layer, and how it stores them
+    (the compressor's storage settings: quantized caches of the same positions hold other values)."""
+    positions: list[torch.Tensor]
+    storage: tuple
+
+    @classmethod
+    def of(cls, cache) -> "Kept":
+        c = cache.compressor
+        storage = (c.kv_bits, c.kv_group_size, c.kv_residual) if c is not None and c.kv_bits is not None else ()
+        return cls([cache.positions(layer) for layer in range(cache.num_layers)], storage)
+
+    def same(self, other: "Kept") -> bool:
+        """Whether two caches of one prefill hold the same entries in every layer, head and batch row."""
+        return self.storage == other.storage and all(
+            x.shape == y.shape and torch.equal(x, y) for x, y in zip(self.positions, other.positions))
 
 
 def forced_logits(model, prefill: Prefill, cache, targets: torch.Tensor) -> torch.Tensor:
@@ -42,12 +57,12 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
     is added to its entry."""
     device = model.embed_in.weight.device
     results: list[Result] = []
-    measured: list[tuple[list[torch.Tensor], Result]] = []  # (kept positions per layer, result)
+    measured: list[tuple[Kept, Result]] = []
     for i, compressor in enumerate(compressors):
         t = clock(device)
         cache = prefill.replay(model, compressor)
-        kept = [cache.positions(layer) for layer in range(cache.num_layers)]
-        result = next((r for positions, r in measured if same_positions(positions, kept)), None)
+        kept = Kept.of(cache)
+        result = next((r for other, r in measured if other.same(kept)), None)
         if result is None:
             result = measure(forced_logits(model, prefill, cache, targets))
             measured.append((kept, result))

@@ -13,6 +13,7 @@ from pathlib import Path
 from . import plots
 from .claims import claims_section
 from .data import book_origin
+from .budget import budget_axis, line_name
 from .grid import distance_from_defaults, folder_name
 from .markdown import table
 from .ppl import PPL_RECORD_KEYS
@@ -205,7 +206,7 @@ def load_sweep(out: Path) -> Results:
         ppl += records
         tasks += read_task_records(folder, c["label"])
         if (folder / "config.json").is_file():
-            kept[c["label"]] = read_json(folder / "config.json").get("kept_per_head")
+            kept[c["label"]] = read_json(folder / "config.json")
         complete = complete_speed_rows(folder, lengths) if lengths else []
         speed += complete
         missing = [f"PPL of {len(books) - len({r['book'] for r in records})} of {len(books)} books"] \
@@ -256,8 +257,9 @@ def load_sweep(out: Path) -> Results:
         heading = (f"**{speed_title(speed[0])}**: each configuration measured interleaved with no compression, "
                    f"which its ratios are against")
     return Results("KV-cache compression sweep", header, sweep["model"], ppl, speed, heading,
-                   [dict(label=c["label"], compressor=c["compressor"], settings=c["settings"], kept=kept.get(c["label"]))
-                    for c in sweep["configs"]],
+                   [dict(label=c["label"], compressor=c["compressor"], settings=c["settings"],
+                         kept=kept.get(c["label"], {}).get("kept_per_head"),
+                         kv_bytes=kept.get(c["label"], {}).get("kv_bytes")) for c in sweep["configs"]],
                    ppl_missing=sweep.get("ppl_skipped") or "No PPL results.", per_book=len(sweep["configs"]) <= 8,
                    lm_head=f"{arch['vocab']}x{arch['hidden']}" if arch else None, sections=sections, tasks=tasks)
 
@@ -279,20 +281,25 @@ def complete_ppl(group: list[dict]) -> dict[str, float]:
             for label, rows in by.items() if {r["book"] for r in rows} == books}
 
 
-def ppl_budget_plot(group: list[dict], model: str, out: Path) -> list[str]:
+def ppl_budget_plot(group: list[dict], model: str, out: Path, configs: list[dict]) -> list[str]:
     """Figure (a), PPL vs KV budget, of one group of PPL records."""
     ppl = complete_ppl(group)
     first = {r["label"]: r for r in group}
-    if any(r.get("kept_per_head") is None for r in group):
+    axis = budget_axis([c for c in configs if c["label"] in first])
+    if axis is None:  # folders without config.json: the entries kept per head each record states
+        axis = ("kept KV entries per head", {label: r.get("kept_per_head") for label, r in first.items()})
+    x_label, budget = axis
+    if any(v is None for v in budget.values()):
         return ["(No PPL vs KV budget plot: these records predate the kept_per_head field; a new run adds it.)", ""]
-    points = [dict(policy=first[label]["compressor"], kept=first[label]["kept_per_head"], ppl=value)
-              for label, value in ppl.items() if label != "none"]
+    points = [dict(policy=line_name(first[label]["compressor"], first[label]["settings"]), kept=budget[label],
+                   ppl=value) for label, value in ppl.items() if label != "none"]
     if not points:
         return []
     r = group[0]
     title = (f"Perplexity vs KV budget: {model}, {r['dtype']}\n{data_title(group)}; ctx_len {r['ctx_len']}, "
              f"stride {r['stride']}")
-    plots.ppl_vs_budget(points, ppl.get("none"), r["window_prompt"], title, out / "plots" / "ppl_vs_budget.png")
+    plots.ppl_vs_budget(points, ppl.get("none"), r["window_prompt"] if x_label.startswith("kept") else 0, title,
+                        out / "plots" / "ppl_vs_budget.png", x_label)
     return ["### PPL vs KV budget", "",
             "![PPL vs KV budget](plots/ppl_vs_budget.png)", "",
             f"Each window after the first prefills a {r['window_prompt']}-token prompt, compresses it and scores the "
@@ -360,7 +367,7 @@ def write_report(out: str | Path) -> Path:
     group = ppl_groups(results.ppl)[-1] if results.ppl else []  # the latest setup, when a file holds several
     if results.ppl:
         lines += [ppl_tables(results.ppl, results.per_book)]
-        lines += ppl_budget_plot(group, results.model, out)
+        lines += ppl_budget_plot(group, results.model, out, results.configs)
     else:
         lines += [results.ppl_missing, ""]
     lines += task_section(results.configs, results.ppl, results.tasks, out)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minipythia import Compressor, NoCompression
+from minipythia import Compressor, NoCompression, Prefill
 from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
@@ -96,6 +96,16 @@ def check_settings(out: Path, settings: dict):
         raise ConfigError(f"{out} holds a sweep with other settings ({k}: {before.get(k)!r} there, "
                           f"{settings.get(k)!r} now{', and more' if len(changed) > 1 else ''}); give another --out "
                           f"or delete it")
+
+
+@torch.inference_mode()
+def held_bytes(model, configs: list[Compressor], prompt_len: int) -> dict[str, int]:
+    """label -> the bytes each configuration's cache really holds after compressing a prompt_len-token prompt
+    (measured on a replay of one prefill of random ids: how many entries a policy keeps, and how it stores
+    them, do not depend on the values): the KV budget in bytes, which eviction and quantization share."""
+    ids = torch.randint(0, model.config.vocab_size, (1, max(prompt_len, 1)), generator=torch.Generator().manual_seed(0))
+    prefill = Prefill.record(model, ids.to(model.embed_in.weight.device))
+    return {c.label: prefill.replay(model, c).nbytes for c in configs}
 
 
 def merged_settings(out: Path, settings: dict) -> dict:
@@ -203,13 +213,14 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
 
     folders = {c.label: out / folder_name(c.label) for c in configs}
     n_layers = model.config.num_hidden_layers
+    kv_bytes = held_bytes(model, configs, window_prompt)
     for c in configs:  # written first, so that even an unfinished folder says what it holds
         folders[c.label].mkdir(exist_ok=True)
         write_json(folders[c.label] / "config.json", dict(
             label=c.label, compressor=c.name, settings=c.settings(), window_prompt=window_prompt,
             kept_per_head=kept_per_head(c, n_layers, window_prompt),
             kept_per_layer=[min(c.keep_count(layer, window_prompt), window_prompt) for layer in range(n_layers)],
-            sweep=settings))
+            kv_bytes=kv_bytes[c.label], sweep=settings))
 
     summary_path = out / "sweep.json"
     previous = read_json(summary_path) if summary_path.is_file() else {}

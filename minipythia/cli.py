@@ -90,10 +90,11 @@ def add_compressor_args(parser: argparse.ArgumentParser, argv=None, decode_inter
         by_default: dict[str, list[str]] = {}
         for policy, s in used_by:
             by_default.setdefault(_shown(s.default), []).append(policy)
-        described = "; ".join(f"{', '.join(policies)} (default {default})" for default, policies in by_default.items())
+        described = "; ".join(f"{', '.join(policies) if len(policies) < len(COMPRESSORS) else 'every policy'} "
+                              f"(default {default})" for default, policies in by_default.items())
         choices = next((s.choices for _, s in used_by if s.choices), None)
         g.add_argument(flag, dest=f"setting_{setting_name}", default=None, metavar=_metavar(used_by[0][1]),
-                       help=described + (f"; one of {', '.join(choices)}" if choices else ""))
+                       help=described + (f"; one of {', '.join(map(str, choices))}" if choices else ""))
     parser.set_defaults(setting_flags=flags)
     if decode_interval:
         g.add_argument("--decode-interval", type=int, default=None, metavar="N",

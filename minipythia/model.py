@@ -5,12 +5,16 @@ Module names follow the published checkpoints (minus the `gpt_neox.` prefix), so
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .cache import KVCache
+from .compressors import Compressor, NoCompression
 from .config import PythiaConfig
+from .quantized_cache import QuantizedKVCache
 
 
 def rotary_cos_sin(config: PythiaConfig, start: int, length: int, device, dtype):
@@ -128,10 +132,18 @@ class Pythia(nn.Module):
         return table[0][start:end], table[1][start:end]
 
     def new_cache(self, batch_size: int = 1, compressor=None, decode_interval: int | None = None,
-                  record_queries: bool = False) -> KVCache:
+                  record_queries: bool = False, kv_bits: int | None = None, kv_group_size: int | None = None,
+                  kv_residual: int | None = None) -> KVCache:
+        """A cache for this model; kv_bits (with kv_group_size, kv_residual) stores what the compressor keeps
+        quantized: the same as giving them to the compressor (its storage settings), which is where they live."""
+        storage = {k: v for k, v in dict(kv_bits=kv_bits, kv_group_size=kv_group_size, kv_residual=kv_residual).items()
+                   if v is not None}
+        if storage and (compressor is None or isinstance(compressor, Compressor)):  # (KVCache names a wrong kind)
+            compressor = dataclasses.replace(compressor or NoCompression(), **storage)
         p = self.embed_in.weight
-        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
-                       decode_interval=decode_interval, record_queries=record_queries)
+        kind = QuantizedKVCache if getattr(compressor, "kv_bits", None) is not None else KVCache
+        return kind(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
+                    decode_interval=decode_interval, record_queries=record_queries)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only.

@@ -362,9 +362,10 @@ def test_invalid_policy_settings_say_what_is_allowed(make, message):
 
 
 def test_registry_and_labels():
-    assert COMPRESSORS == {"none": NoCompression, "knorm": KnormPress, "snapkv": SnapKV, "streaming_llm": StreamingLLM,
-                           "h2o": H2O, "tova": TOVA, "random": RandomEviction, "pyramidkv": PyramidKV,
-                           "oracle": Oracle}
+    # the first policies, in the CLI's order; the others follow, one file each (tested in their own files)
+    assert dict(list(COMPRESSORS.items())[:9]) == {
+        "none": NoCompression, "knorm": KnormPress, "snapkv": SnapKV, "streaming_llm": StreamingLLM, "h2o": H2O,
+        "tova": TOVA, "random": RandomEviction, "pyramidkv": PyramidKV, "oracle": Oracle}
     assert StreamingLLM().label == "streaming_llm_sink4_c512"
     assert H2O().label == "h2o_c512_recent0.5"
     assert TOVA(256).label == "tova_c256"

@@ -124,7 +124,8 @@ def test_run_task_appends_per_example_and_skips_what_is_done(model, text, tmp_pa
     run_task(task, model, examples[:1], [NoCompression()], META, path_of)
     calls = []
     real = task.score
-    monkeypatch.setattr(type(task), "score", lambda self, m, e, cs: calls.append([c.label for c in cs]) or real(m, e, cs))
+    monkeypatch.setattr(type(task), "score",
+                        lambda self, m, e, cs: calls.append([c.label for c in cs]) or real(m, e, cs))
     run_task(task, model, examples, [NoCompression(), KnormPress(0.5)], META, path_of)
     assert calls == [["knorm_r0.5"], ["none", "knorm_r0.5"]]  # the first example's none was already there
     assert eval.tasks.base.task_complete(path_of(NoCompression()), task, examples, META, "none")

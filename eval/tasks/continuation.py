@@ -24,7 +24,7 @@ from rouge_score import rouge_scorer
 
 from minipythia import Compressor, Prefill
 
-from ..replay import same_positions, score_replays
+from ..replay import Kept, score_replays
 from .base import Example, Task, TextSource, gains, register_task
 
 
@@ -129,13 +129,12 @@ class Continuation(Task):
         control_scores = score_replays(model, control, [None], targets, measure)[0]  # against full KV's
 
         scorer = rouge_scorer.RougeScorer(["rougeL"])
-        generated: list[tuple[list[torch.Tensor], list[int]]] = []  # (kept positions, tokens) per distinct cache
+        generated: list[tuple[Kept, list[int]]] = []  # the tokens of each distinct cache
         records = []
         for config, scores in zip(configs, forced):
             cache = prefill.replay(model, config)  # one replayed cache alive at a time
-            kept = [cache.positions(layer) for layer in range(cache.num_layers)]
-            # Caches that kept the same entries of one prefill are the same cache: they generate the same tokens.
-            tokens = next((t for positions, t in generated if same_positions(positions, kept)), None)
+            kept = Kept.of(cache)
+            tokens = next((t for other, t in generated if other.same(kept)), None)
             if tokens is None:
                 tokens = greedy(model, prefill, cache, self.new_tokens)
                 generated.append((kept, tokens))

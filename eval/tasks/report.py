@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import plots
+from ..budget import budget_axis, line_name
 from ..markdown import table
 from .base import TASK_RECORD_KEYS, TASKS, Task
 from ..results import read_jsonl
@@ -107,18 +108,21 @@ def raw_tables(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> list[
     return out
 
 
-def budget_panels(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> dict[str, list[dict]]:
-    """task -> [{policy, kept, retained}] for the retained-vs-budget figure (configurations other than none)."""
+def budget_panels(configs: list[dict], ppl: list[dict], tasks: list[dict], budget: dict[str, float]
+                  ) -> dict[str, list[dict]]:
+    """task -> [{policy, kept, retained}] for the retained-vs-budget figure (every configuration but full KV,
+    `kept` its budget on the report's axis)."""
     panels: dict[str, list[dict]] = {}
     for c in configs:
-        if c["compressor"] == "none" or c.get("kept") is None:
+        if (c["compressor"] == "none" and c["settings"].get("kv_bits") is None) or budget.get(c["label"]) is None:
             continue
         values = {"PPL": ppl_retained([r for r in ppl if r["label"] == c["label"]])}
         for t in task_names(tasks):
             values[t] = retained_of([r for r in tasks if r["label"] == c["label"] and r["task"] == t])
         for name, value in values.items():
             if value is not None:
-                panels.setdefault(name, []).append(dict(policy=c["compressor"], kept=c["kept"], retained=value))
+                panels.setdefault(name, []).append(dict(policy=line_name(c["compressor"], c["settings"]),
+                                                        kept=budget[c["label"]], retained=value))
     return panels
 
 
@@ -157,10 +161,11 @@ def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: P
              "(1 = as good as full KV, 0 = as if the context were not there; docs/tasks.md).", "",
              *[f"- **{name}**: {text}" for name, text in about], "",
              table(*retained_rows(configs, ppl, tasks)), ""]
-    panels = budget_panels(configs, ppl, tasks)
+    axis = budget_axis(configs)
+    panels = budget_panels(configs, ppl, tasks, axis[1]) if axis else {}
     if panels:
         plots.retained_vs_budget(panels, "retained vs KV budget (higher is better; 1 = full KV)",
-                                 out / "plots" / "retained_vs_budget.png")
+                                 out / "plots" / "retained_vs_budget.png", axis[0])
         lines += ["![retained vs KV budget](plots/retained_vs_budget.png)", ""]
     for task in task_names(tasks):
         if task not in TASKS or TASKS[task].heatmap is None:

@@ -9,32 +9,59 @@ derived from the model (`for_model`), data it still needs before it can run (`mi
 short names of its settings in labels (`label_names`). The settings' types are the fields' annotations:
 they are checked on construction, and the CLI flags and sweep YAML keys come from them
 (`minipythia.compressors.registry`).
+
+Every policy also composes with quantized storage of what it keeps (KIVI: `kv_bits`, `kv_group_size`,
+`kv_residual`, keyword-only settings of this base class; minipythia.quantized_cache), so that eviction,
+quantization and both are configurations of the same kind.
 """
+
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import typing
-from dataclasses import asdict, dataclass
-from typing import ClassVar
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Literal
 
 import torch
+
+# The storage settings every policy has; they appear in settings() and labels only when kv_bits is set.
+STORAGE_SETTINGS = ("kv_bits", "kv_group_size", "kv_residual")
 
 
 @dataclass
 class Compressor:
     name: ClassVar[str]
     # Short names of settings in labels ("" shows the value alone); merged with those of the parent classes.
-    label_names: ClassVar[dict[str, str]] = {}
+    label_names: ClassVar[dict[str, str]] = {"kv_bits": "kv", "kv_group_size": "g", "kv_residual": "res"}
     # Why the policy cannot compress during decoding; a policy that can overrides decode_queries() instead.
     cannot_decode: ClassVar[str] = ("it does not say which of the newest queries its score() reads (a policy that "
                                     "can compress during decoding overrides Compressor.decode_queries)")
 
+    # Quantized storage of the kept entries (KIVI): bits per code, None = the model's dtype; tokens per key
+    # group, channels per value group; the newest entries kept in full precision (a multiple of the group).
+    kv_bits: Literal[2, 4, 8] | None = field(default=None, kw_only=True)
+    kv_group_size: int = field(default=32, kw_only=True)
+    kv_residual: int = field(default=128, kw_only=True)
+
     def __post_init__(self):
         for setting in settings_of(type(self)):
             setattr(self, setting.name, setting.check(getattr(self, setting.name), self.name))
+        self.check_storage()
         self.validate()
+
+    def check_storage(self):
+        """ValueError on storage settings that cannot be used, or that would do nothing without kv_bits."""
+        if self.kv_bits is None:
+            if (self.kv_group_size, self.kv_residual) != (32, 128):
+                raise ValueError("kv_group_size and kv_residual apply to a quantized cache: give kv_bits (2, 4 or 8)")
+            return
+        if self.kv_group_size < 1:
+            raise ValueError(f"kv_group_size must be >= 1, got {self.kv_group_size}")
+        if self.kv_residual < self.kv_group_size or self.kv_residual % self.kv_group_size:
+            raise ValueError(f"kv_residual must be a positive multiple of kv_group_size ({self.kv_group_size}): keys "
+                             f"are quantized a group of tokens at a time, got {self.kv_residual}")
 
     def validate(self):
         """Raises ValueError on settings of the right type that the policy cannot use (an even kernel, ...)."""
@@ -76,7 +103,10 @@ class Compressor:
             raise ValueError(missing)
 
     def settings(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The policy's settings, then the storage settings when the cache is quantized."""
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        storage = {k: values.pop(k) for k in STORAGE_SETTINGS}
+        return {**values, **storage} if self.kv_bits is not None else values
 
     @property
     def label(self) -> str:
