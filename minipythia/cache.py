@@ -109,6 +109,16 @@ class KVCache:
         self._lengths[layer] = n + T
         return self.keys(layer), self.values(layer)
 
+    def _append_positions(self, layer: int, T: int):
+        """Appends the positions of a forward's T tokens to a layer, growing its positions in chunks: for
+        caches that store keys or values apart from the full-precision buffers (their own append)."""
+        n = self._lengths[layer]
+        self._positions[layer], _ = extended(self._positions[layer], n, None, T)
+        if layer == 0:
+            self._new_positions = torch.arange(self.seen, self.seen + T, device=self.device)
+        self._positions[layer][:, :, n : n + T] = self._new_positions
+        self._lengths[layer] = n + T
+
     def in_float32(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (B, nh, n, hs) copied into float32 scratch tensors that every layer reuses (grown by GROWTH):
         a fresh allocation of that size each step cost more than the copy. The cache's own tensors, and
@@ -183,20 +193,38 @@ class KVCache:
             keys, values = self.keys(layer), self.values(layer)
             scores = self.compressor.score(layer, keys, values, queries)  # (B, nh, n)
             idx = scores.topk(keep, dim=-1).indices.sort(dim=-1).values  # (B, nh, keep)
-            self.keep(layer, idx)
+            self.keep(layer, idx, self.compressor.kept_values(layer, keys, values, queries, idx))
         self.compress_seconds += clock(self.device) - start
 
-    def keep(self, layer: int, idx: torch.Tensor):
-        """Keeps only the entries at indices idx (B, nh, k) of a layer, in freshly allocated tensors."""
+    def keep(self, layer: int, idx: torch.Tensor, values: torch.Tensor | None = None):
+        """Keeps only the entries at indices idx (B, nh, k) of a layer, in freshly allocated tensors; with
+        `values` (B, nh, k, hs), those are the kept entries' values (a policy that merges evicted entries)."""
         gather_idx = idx.unsqueeze(-1).expand(-1, -1, -1, self.head_size)  # (B, nh, k, hs)
         self._keys[layer] = self.keys(layer).gather(2, gather_idx)
-        self._values[layer] = self.values(layer).gather(2, gather_idx)
+        self._values[layer] = (self.values(layer).gather(2, gather_idx) if values is None
+                               else values.to(self.dtype).contiguous())
         self._positions[layer] = self.positions(layer).gather(2, idx)
         self._lengths[layer] = idx.size(-1)
 
     def _layer_nbytes(self, layer: int) -> int:
         tensors = (self._keys[layer], self._values[layer], self._positions[layer], self._queries[layer])
         return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
+
+
+def extended(buffer: torch.Tensor, length: int, new: torch.Tensor | None, count: int | None = None
+             ) -> tuple[torch.Tensor, int]:
+    """A buffer (B, nh, capacity, ...) whose first `length` entries are in use, with room for `count` more
+    (grown by GROWTH when it is full) and, when given, `new` (B, nh, count, ...) written after them.
+    Returns the buffer (the same one when it had room) and the new length."""
+    count = new.size(2) if new is not None else count
+    if buffer.size(2) < length + count:
+        grown = torch.empty(*buffer.shape[:2], length + count + GROWTH, *buffer.shape[3:], dtype=buffer.dtype,
+                            device=buffer.device)
+        grown[:, :, :length] = buffer[:, :, :length]
+        buffer = grown
+    if new is not None:
+        buffer[:, :, length : length + count] = new
+    return buffer, length + count
 
 
 def check_decode_interval(compressor, decode_interval: int | None) -> int:

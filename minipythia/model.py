@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .cache import KVCache
 from .compressors import Compressor, NoCompression
 from .config import PythiaConfig
+from .pruned_keys_cache import PrunedKeysCache
 from .quantized_cache import QuantizedKVCache
 
 
@@ -141,7 +142,9 @@ class Pythia(nn.Module):
         if storage and (compressor is None or isinstance(compressor, Compressor)):  # (KVCache names a wrong kind)
             compressor = dataclasses.replace(compressor or NoCompression(), **storage)
         p = self.embed_in.weight
-        kind = QuantizedKVCache if getattr(compressor, "kv_bits", None) is not None else KVCache
+        # How the kept entries are stored: pruned key channels (ThinK), quantized (KIVI), or as they are.
+        kind = (PrunedKeysCache if getattr(compressor, "prunes_key_channels", False)
+                else QuantizedKVCache if getattr(compressor, "kv_bits", None) is not None else KVCache)
         return kind(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
                     decode_interval=decode_interval, record_queries=record_queries)
 

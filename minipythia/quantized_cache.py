@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import GROWTH, KVCache
+from .cache import KVCache, extended
 from .quantization import Quantized, quantize
 
 
@@ -65,33 +65,12 @@ class QuantizedKVCache(KVCache):
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         if not self._quantized(layer):  # the prefill: stored whole, compressed, then quantized (after_attention)
             return super().append(layer, k, v)
-        T = k.size(2)
-        n = self._lengths[layer]
-        if self._positions[layer].size(2) < n + T:
-            grown = torch.empty(*self._positions[layer].shape[:2], n + T + GROWTH, dtype=torch.long,
-                                device=self.device)
-            grown[:, :, :n] = self._positions[layer][:, :, :n]
-            self._positions[layer] = grown
-        if layer == 0:
-            self._new_positions = torch.arange(self.seen, self.seen + T, device=self.device)
-        self._positions[layer][:, :, n : n + T] = self._new_positions
-        self._lengths[layer] = n + T
-        self._key_tail[layer], self._key_tail_len[layer] = self._extend(self._key_tail[layer],
-                                                                        self._key_tail_len[layer], k)
-        self._value_tail[layer], self._value_tail_len[layer] = self._extend(self._value_tail[layer],
-                                                                            self._value_tail_len[layer], v)
+        self._append_positions(layer, k.size(2))
+        self._key_tail[layer], self._key_tail_len[layer] = extended(self._key_tail[layer],
+                                                                    self._key_tail_len[layer], k)
+        self._value_tail[layer], self._value_tail_len[layer] = extended(self._value_tail[layer],
+                                                                        self._value_tail_len[layer], v)
         return self.keys(layer), self.values(layer)
-
-    @staticmethod
-    def _extend(tail: torch.Tensor, length: int, new: torch.Tensor) -> tuple[torch.Tensor, int]:
-        T = new.size(2)
-        if tail.size(2) < length + T:  # grown in chunks, as the full-precision cache
-            grown = torch.empty(*tail.shape[:2], length + T + GROWTH, tail.size(3), dtype=tail.dtype,
-                                device=tail.device)
-            grown[:, :, :length] = tail[:, :, :length]
-            tail = grown
-        tail[:, :, length : length + T] = new
-        return tail, length + T
 
     def after_attention(self, layer: int, queries: torch.Tensor):
         prefill = self.in_prefill

@@ -6,7 +6,8 @@ shared step: top-k per (batch, head), kept in position order, gathered into new 
 (`KVCache.compress`). Everything else the system needs to know about a policy is declared here, on its
 class: which recent queries it reads when it compresses during decoding (`decode_queries`), settings
 derived from the model (`for_model`), data it still needs before it can run (`missing_input`), the
-short names of its settings in labels (`label_names`). The settings' types are the fields' annotations:
+values its kept entries hold when it merges the evicted ones into them (`kept_values`), the short names of its
+settings in labels (`label_names`). The settings' types are the fields' annotations:
 they are checked on construction, and the CLI flags and sweep YAML keys come from them
 (`minipythia.compressors.registry`).
 
@@ -90,6 +91,23 @@ class Compressor:
         """Called with the model's PythiaConfig before the compressor is used (by the cache, and by sweeps
         before they name their folders): fills settings derived from the model, rejects those that do not
         fit it (ValueError)."""
+
+    def kept_values(self, layer: int, keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor,
+                    idx: torch.Tensor) -> torch.Tensor | None:
+        """The values the kept entries hold once the others are evicted: None keeps them as they were (every
+        policy but those that merge evicted entries into kept ones). keys, values (B, nh, L, hs) and queries
+        as score() gets them; idx (B, nh, k) the kept entries, in position order. Returns (B, nh, k, hs)."""
+        return None
+
+    # Whether the policy also prunes key channels (key_channels); the model then gives it a cache that stores
+    # only the kept channels of the prompt's keys (minipythia.pruned_keys_cache).
+    prunes_key_channels: ClassVar[bool] = False
+
+    def key_channels(self, layer: int, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """For a policy that prunes key channels: the channels each head keeps of the prompt's kept keys,
+        LongTensor (B, nh, d') in increasing order; keys (B, nh, k, hs) after eviction, queries (B, nh, L, hs)
+        the prompt's. The pruned channels of those keys are dropped (q . k sums over the kept ones only)."""
+        raise NotImplementedError
 
     def missing_input(self) -> str | None:
         """What the compressor still needs before it can compress, beyond its settings (None: nothing).
