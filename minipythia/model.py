@@ -157,6 +157,8 @@ class Pythia(nn.Module):
         B, T = input_ids.shape
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B}")
+        if cache is not None and cache.in_prefill:
+            cache.compressor.prepare(self, input_ids)
         start = cache.seen if cache is not None else 0
         x = self.embed_in(input_ids)  # (B, T, C)
         cos, sin = self.rotary(start, T, x.device, x.dtype)

@@ -22,6 +22,7 @@ class Prefill:
     values: list[torch.Tensor]  # per layer (B, nh, T, hs)
     queries: list[torch.Tensor]  # per layer (B, nh, T, hs), after rotary
     logits: torch.Tensor  # (B, 1, vocab) with last_only, else (B, T, vocab)
+    input_ids: torch.Tensor  # (B, T): what was prefilled (Compressor.prepare reads it)
 
     @property
     def num_tokens(self) -> int:
@@ -35,11 +36,13 @@ class Prefill:
         logits = model(input_ids, cache=cache, last_only=last_only)
         layers = range(cache.num_layers)
         return cls([cache.keys(i) for i in layers], [cache.values(i) for i in layers],
-                    [cache.recorded_queries[i] for i in layers], logits)
+                    [cache.recorded_queries[i] for i in layers], logits, input_ids)
 
     def replay(self, model, compressor=None, decode_interval: int | None = None) -> KVCache:
         """The cache a prefill of the same tokens with this compressor (and decode_interval) would have left."""
         cache = model.new_cache(self.keys[0].size(0), compressor, decode_interval)
+        if compressor is not None:
+            compressor.prepare(model, self.input_ids)
         for layer, (k, v, q) in enumerate(zip(self.keys, self.values, self.queries)):
             cache.append(layer, k, v)
             cache.after_attention(layer, q)

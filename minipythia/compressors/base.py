@@ -109,6 +109,11 @@ class Compressor:
         the prompt's. The pruned channels of those keys are dropped (q . k sums over the kept ones only)."""
         raise NotImplementedError
 
+    def prepare(self, model, input_ids: torch.Tensor):
+        """Called with the model and the prompt's ids (B, L) just before a prefill into a cache with this
+        compressor (and before a replay of one): for a policy that scores with a forward of its own (KVzip's
+        context reconstruction). The default does nothing."""
+
     def missing_input(self) -> str | None:
         """What the compressor still needs before it can compress, beyond its settings (None: nothing).
         The CLIs and sweeps check it before any work (check_input)."""
