@@ -23,20 +23,21 @@ Result = TypeVar("Result")
 
 @dataclass
 class Kept:
-    """What a replayed cache of one prefill holds: its entries' positions per layer, and how it stores them
-    (the compressor's storage settings: quantized caches of the same positions hold other values)."""
+    """What a replayed cache of one prefill holds: its entries' positions per layer and, for a compressor that
+    alters the entries it keeps (quantized, pruned, merged: Compressor.alters_entries), that compressor's
+    label, since caches of the same positions then hold other entries."""
     positions: list[torch.Tensor]
-    storage: tuple
+    altered_by: str | None
 
     @classmethod
     def of(cls, cache) -> "Kept":
         c = cache.compressor
-        storage = (c.kv_bits, c.kv_group_size, c.kv_residual) if c is not None and c.kv_bits is not None else ()
-        return cls([cache.positions(layer) for layer in range(cache.num_layers)], storage)
+        return cls([cache.positions(layer) for layer in range(cache.num_layers)],
+                   c.label if c is not None and c.alters_entries else None)
 
     def same(self, other: "Kept") -> bool:
         """Whether two caches of one prefill hold the same entries in every layer, head and batch row."""
-        return self.storage == other.storage and all(
+        return self.altered_by == other.altered_by and all(
             x.shape == y.shape and torch.equal(x, y) for x, y in zip(self.positions, other.positions))
 
 

@@ -109,6 +109,13 @@ class Compressor:
         the prompt's. The pruned channels of those keys are dropped (q . k sums over the kept ones only)."""
         raise NotImplementedError
 
+    @property
+    def alters_entries(self) -> bool:
+        """Whether its cache holds anything but copies of the prefill's kept entries (quantized, pruned or
+        merged ones): caches of one prefill that kept the same positions are then not the same cache."""
+        return (self.kv_bits is not None or self.prunes_key_channels
+                or type(self).kept_values is not Compressor.kept_values)
+
     def prepare(self, model, input_ids: torch.Tensor):
         """Called with the model and the prompt's ids (B, L) just before a prefill into a cache with this
         compressor (and before a replay of one): for a policy that scores with a forward of its own (KVzip's

@@ -19,10 +19,11 @@ class ThinK(CapacityBudget, Compressor):
 
         score(c) = mean_i Q_w[i, c]^2 * mean_j K[j, c]^2
 
-    (the official code's cheap stand-in for the paper's ||Q_w[:, c] K[:, c]^T||_F^2); the int(hs * ratio)
-    lowest-scoring channels are pruned (ratio = key_channel_compression_ratio) and the other
-    hs - int(hs * ratio) kept. The cache (minipythia.pruned_keys_cache) stores only the kept channels of the
-    prompt's kept keys, so q . k sums over those; keys of later tokens are stored whole, values untouched.
+    which is the paper's ||Q_w[:, c] K[:, c]^T||_F^2 = ||Q_w[:, c]||^2 ||K[:, c]||^2 divided by the same
+    constant for every channel of a head (so it ranks them alike). The int(hs * ratio) lowest-scoring
+    channels are pruned (ratio = key_channel_compression_ratio) and the other hs - int(hs * ratio) kept.
+    The cache (minipythia.pruned_keys_cache) stores only the kept channels of the prompt's kept keys, so
+    q . k sums over those; keys of later tokens are stored whole, values untouched.
     Channels are chosen once, at the prefill: ThinK cannot compress during decoding.
 
     Deviations: the official ThinK leaves the last 32 kept prompt keys (its recent_size) whole and always
