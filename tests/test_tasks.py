@@ -250,7 +250,8 @@ def test_a_sweep_runs_its_tasks_resumes_them_and_reports_retained(tiny_checkpoin
     assert settings["tasks"]["recall"]["trials"] == 1 and settings["tasks"]["ppl"] == {"short_context": 8}
     report = (out / "report.md").read_text()
     assert "retained per task" in report
-    assert "| config | KV kept per head | PPL | PPL key tokens | recall | needle | continuation |" in report
+    assert ("| config | KV kept per head | KV MiB held | PPL | PPL key tokens | recall | needle | continuation |"
+            in report)
     assert "**needle (passkey)**" in report and "ROUGE-L F" in report  # the raw metrics, as the tasks declare them
     for plot in ("retained_vs_budget", "recall_heatmap", "needle_passkey_heatmap"):
         assert (out / "plots" / f"{plot}.png").is_file() and f"plots/{plot}.png" in report

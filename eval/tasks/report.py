@@ -61,11 +61,13 @@ def retained_rows(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> tu
     """(header, rows) of the retained table: a row per configuration, a column per task."""
     names = task_names(tasks)
     has_ppl = any("nll_short_sum" in r for r in ppl)
-    header = ["config", "KV kept per head"] + (["PPL", "PPL key tokens"] if has_ppl else []) + names
+    has_bytes = all(c.get("kv_bytes") is not None for c in configs)
+    header = ["config", "KV kept per head"] + (["KV MiB held"] if has_bytes else []) + \
+        (["PPL", "PPL key tokens"] if has_ppl else []) + names
     rows = []
     for c in configs:
         mine = [r for r in ppl if r["label"] == c["label"]]
-        row = [c["label"], c.get("kept") or ""]
+        row = [c["label"], c.get("kept") or ""] + ([f"{c['kv_bytes'] / 2**20:.3f}"] if has_bytes else [])
         if has_ppl:
             row += [_fmt(ppl_retained(mine)), _fmt(ppl_retained(mine, key_tokens=True))]
         row += [_fmt(retained_of([r for r in tasks if r["label"] == c["label"] and r["task"] == t])) for t in names]
