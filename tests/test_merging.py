@@ -254,7 +254,7 @@ def test_sliding_window_nll_differs_from_the_scorer_alone(model):
 
 @pytest.mark.parametrize("settings,message", [
     (dict(scorer="nope"), "scorer must be a registered policy, got 'nope'"),
-    (dict(scorer="merging"), "scorer cannot be 'merging': merging needs a policy that only evicts"),
+    (dict(scorer="merging"), "scorer cannot be 'merging': merging cannot be its own scorer"),
     (dict(scorer="none"), "scorer cannot be 'none': it keeps every entry"),
     (dict(scorer="think"), "scorer cannot be 'think': it prunes key channels"),
     (dict(merge_budget=0), "merge_budget must be >= 1"),

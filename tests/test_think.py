@@ -212,7 +212,7 @@ def test_decode_time_compression_is_refused(model):
     (lambda: ThinK(key_channel_compression_ratio=1.0), r"key_channel_compression_ratio must be in \[0, 1\)"),
     (lambda: ThinK(key_channel_compression_ratio=-0.1), r"key_channel_compression_ratio must be in \[0, 1\)"),
     (lambda: ThinK(key_channel_compression_ratio=1.5), r"key_channel_compression_ratio must be in \[0, 1\)"),
-    (lambda: ThinK(scorer="nope"), "scorer must be a registered policy or 'none', got 'nope'"),
+    (lambda: ThinK(scorer="nope"), "scorer must be a registered policy, got 'nope'"),
     (lambda: ThinK(scorer="think"), "scorer cannot be 'think'"),
     (lambda: ThinK(window_size=0), "window_size must be >= 1"),
     (lambda: ThinK(max_capacity_prompt=0), "max_capacity_prompt must be >= 1"),

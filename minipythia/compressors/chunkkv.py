@@ -2,14 +2,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CapacityBudget, Compressor, settings_of
+from .base import CapacityBudget, Compressor
 from .none import NoCompression
-from .registry import COMPRESSORS, build_compressor, register
+from .over_scorer import OverScorer
+from .registry import register
 
 
 @register
 @dataclass
-class ChunkKV(CapacityBudget, Compressor):
+class ChunkKV(OverScorer, CapacityBudget, Compressor):
     """ChunkKV (Liu et al. 2025, "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient
     Long-Context LLM Inference"), as in NVIDIA kvpress `kvpress/presses/chunkkv_press.py`, ChunkKVPress.
 
@@ -37,40 +38,18 @@ class ChunkKV(CapacityBudget, Compressor):
     chunk_size: int = 20  # kvpress's chunk_length default (the paper's experiments mostly use 10)
     scorer: str = "snapkv"
 
-    def __post_init__(self):
-        super().__post_init__()  # checks the settings first, so the scorer's name is a usable one
-        given = {"max_capacity_prompt": self.max_capacity_prompt}
-        own = {s.name for s in settings_of(COMPRESSORS[self.scorer])}
-        try:
-            self.inner: Compressor = build_compressor(self.scorer, {k: v for k, v in given.items() if k in own})
-        except ValueError as e:
-            raise ValueError(f"chunkkv's scorer {self.scorer} (its settings at their defaults, max_capacity_prompt "
-                             f"{self.max_capacity_prompt}) cannot be built: {e}") from None
-
     def validate(self):
         super().validate()
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-        cls = COMPRESSORS.get(self.scorer)
-        if cls is None:
-            raise ValueError(f"scorer must be a registered policy, got {self.scorer!r}; registered: "
-                             f"{', '.join(n for n in COMPRESSORS if n != self.name)}")
-        if issubclass(cls, ChunkKV):
-            raise ValueError(f"scorer cannot be {self.scorer!r}: ChunkKV needs a policy that scores single entries")
+
+    def refused_scorer(self, cls):
         if issubclass(cls, NoCompression):
-            raise ValueError(f"scorer cannot be {self.scorer!r}: it keeps every entry and scores none")
-
-    def for_model(self, config):
-        self.inner.for_model(config)
-
-    def missing_input(self):
-        return self.inner.missing_input()
+            return "it keeps every entry and scores none"
+        return None
 
     def decode_queries(self):
-        try:
-            return self.inner.decode_queries()
-        except ValueError as e:
-            raise ValueError(f"chunkkv with scorer {self.scorer}: {e}") from None
+        return self.scorer_decode_queries()
 
     def score(self, layer, keys, values, queries):
         scores = self.inner.score(layer, keys, values, queries)  # (B, nh, L)

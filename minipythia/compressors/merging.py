@@ -3,15 +3,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import CapacityBudget, Compressor, attention_weights, settings_of
+from .base import CapacityBudget, Compressor, attention_weights
 from .h2o import QUERY_CHUNK
 from .none import NoCompression
-from .registry import COMPRESSORS, build_compressor, register
+from .over_scorer import OverScorer
+from .registry import register
 
 
 @register
 @dataclass
-class Merging(CapacityBudget, Compressor):
+class Merging(OverScorer, CapacityBudget, Compressor):
     """CaM, cache merging (Zhang et al., ICML 2024, "CaM: Cache Merging for Memory-efficient LLMs
     Inference"), official code zyxxmu/cam, as a wrapper over any evicting policy (kvpress's MergingPress
     style: the wrapped policy chooses, the values are merged between the choice and the gather).
@@ -50,9 +51,9 @@ class Merging(CapacityBudget, Compressor):
     value is blended into the kept entry with the most cosine-similar key.
 
     Default scorer: streaming_llm, since the official code evicts by a start + recent window (its
-    start_ratio / recent_ratio; kvpress pairs CAMPress with StreamingLLMPress). The scorer is built as
-    ChunkKV builds its own: its defaults, plus max_capacity_prompt when it has that setting (which then
-    does nothing for a scorer without one, e.g. knorm). It is `inner`; how many entries are kept and
+    start_ratio / recent_ratio; kvpress pairs CAMPress with StreamingLLMPress). The scorer is built by
+    OverScorer: its defaults, plus max_capacity_prompt when it has that setting (which then does nothing
+    for a scorer without one, e.g. knorm). It is `inner`; how many entries are kept and
     which (keep_count, score), the model's config, the prompt hook and the missing input are the
     scorer's. During decoding it reads the scorer's queries, at least the newest one (p needs attention).
     """
@@ -63,50 +64,24 @@ class Merging(CapacityBudget, Compressor):
     scorer: str = "streaming_llm"
     merge_budget: int = 32  # m: kvpress's default and the official GPT-NeoX decode path's
 
-    def __post_init__(self):
-        super().__post_init__()  # checks the settings first, so the scorer's name is a usable one
-        own = {s.name for s in settings_of(COMPRESSORS[self.scorer])}
-        given = {"max_capacity_prompt": self.max_capacity_prompt} if "max_capacity_prompt" in own else {}
-        try:
-            self.inner: Compressor = build_compressor(self.scorer, given)
-        except ValueError as e:
-            raise ValueError(f"merging's scorer {self.scorer} (its settings at their defaults, max_capacity_prompt "
-                             f"{self.max_capacity_prompt}) cannot be built: {e}") from None
-
     def validate(self):
         super().validate()
         if self.merge_budget < 1:
             raise ValueError(f"merge_budget must be >= 1 (entries each evicted value is merged into), "
                              f"got {self.merge_budget}")
-        cls = COMPRESSORS.get(self.scorer)
-        if cls is None:
-            raise ValueError(f"scorer must be a registered policy, got {self.scorer!r}; registered: "
-                             f"{', '.join(n for n in COMPRESSORS if n != self.name)}")
-        if issubclass(cls, Merging):
-            raise ValueError(f"scorer cannot be {self.scorer!r}: merging needs a policy that only evicts")
+
+    def refused_scorer(self, cls):
         if issubclass(cls, NoCompression):
-            raise ValueError(f"scorer cannot be {self.scorer!r}: it keeps every entry, so nothing would be merged")
+            return "it keeps every entry, so nothing would be merged"
         if cls.prunes_key_channels:
-            raise ValueError(f"scorer cannot be {self.scorer!r}: it prunes key channels; compose the other way "
-                             f"round ({self.scorer} with scorer 'merging')")
+            return f"it prunes key channels; compose the other way round ({cls.name} with scorer 'merging')"
         if cls.kept_values is not Compressor.kept_values:
-            raise ValueError(f"scorer cannot be {self.scorer!r}: it sets its kept entries' values itself")
-
-    def for_model(self, config):
-        self.inner.for_model(config)
-
-    def prepare(self, model, input_ids):
-        self.inner.prepare(model, input_ids)
-
-    def missing_input(self):
-        return self.inner.missing_input()
+            return "it sets its kept entries' values itself"
+        return None
 
     def decode_queries(self):
-        try:
-            # Scorers that read no query (by position, by key) ignore the one kept for the merge probability.
-            return max(1, self.inner.decode_queries())
-        except ValueError as e:
-            raise ValueError(f"merging with scorer {self.scorer}: {e}") from None
+        # Scorers that read no query (by position, by key) ignore the one kept for the merge probability.
+        return max(1, self.scorer_decode_queries())
 
     def keep_count(self, layer, seq_len):
         return self.inner.keep_count(layer, seq_len)

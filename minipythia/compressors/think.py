@@ -2,13 +2,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import CapacityBudget, Compressor, settings_of
-from .registry import COMPRESSORS, build_compressor, register
+from .base import CapacityBudget, Compressor
+from .over_scorer import OverScorer
+from .registry import register
 
 
 @register
 @dataclass
-class ThinK(CapacityBudget, Compressor):
+class ThinK(OverScorer, CapacityBudget, Compressor):
     """ThinK (Xu et al. 2024, "ThinK: Thinner Key Cache by Query-Driven Pruning"), as in the official
     SalesforceAIResearch/ThinK (`ThinK_eager/src/kv_pruning_utils.py`, key_pruner_query_driven) and NVIDIA
     kvpress (`kvpress/presses/think_press.py`, ThinKPress, composed after an eviction press).
@@ -30,7 +31,7 @@ class ThinK(CapacityBudget, Compressor):
     scores with the last 32 queries; here, as in kvpress, every kept prompt key is pruned and the window is
     window_size. kvpress zeroes the pruned channels; here they are dropped (the same attention, less memory).
 
-    The scorer is built as ChunkKV builds its own: its defaults, plus max_capacity_prompt when it has that
+    The scorer is built by OverScorer: its defaults, plus max_capacity_prompt when it has that
     setting (so max_capacity_prompt does nothing for a scorer without one, e.g. knorm or none). It is
     `inner`; how many entries are kept and which (keep_count, score, kept_values), the model's config and
     the missing input are the scorer's.
@@ -46,16 +47,6 @@ class ThinK(CapacityBudget, Compressor):
     key_channel_compression_ratio: float = 0.5  # the fraction of channels pruned (kvpress's name; its default is 0)
     window_size: int = 32
 
-    def __post_init__(self):
-        super().__post_init__()  # checks the settings first, so the scorer's name is a usable one
-        own = {s.name for s in settings_of(COMPRESSORS[self.scorer])}
-        given = {"max_capacity_prompt": self.max_capacity_prompt} if "max_capacity_prompt" in own else {}
-        try:
-            self.inner: Compressor = build_compressor(self.scorer, given)
-        except ValueError as e:
-            raise ValueError(f"think's scorer {self.scorer} (its settings at their defaults, max_capacity_prompt "
-                             f"{self.max_capacity_prompt}) cannot be built: {e}") from None
-
     def validate(self):
         super().validate()
         if not 0.0 <= self.key_channel_compression_ratio < 1.0:
@@ -63,24 +54,16 @@ class ThinK(CapacityBudget, Compressor):
                              f"got {self.key_channel_compression_ratio}")
         if self.window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {self.window_size}")
-        cls = COMPRESSORS.get(self.scorer)
-        if cls is None:
-            raise ValueError(f"scorer must be a registered policy or 'none', got {self.scorer!r}; registered: "
-                             f"{', '.join(n for n in COMPRESSORS if n != self.name)}")
+
+    def refused_scorer(self, cls):
         if cls.prunes_key_channels:
-            raise ValueError(f"scorer cannot be {self.scorer!r}: ThinK needs a policy that evicts entries, and "
-                             f"prunes the key channels itself")
+            return "ThinK needs a policy that evicts entries, and prunes the key channels itself"
+        return None
 
     def pruned_channels(self, head_size: int) -> int:
         """How many channels of a head are pruned: int(head_size * key_channel_compression_ratio), as the
         official code and kvpress (so hs - that many are kept, at least one)."""
         return int(head_size * self.key_channel_compression_ratio)
-
-    def for_model(self, config):
-        self.inner.for_model(config)
-
-    def missing_input(self):
-        return self.inner.missing_input()
 
     def keep_count(self, layer, seq_len):
         return self.inner.keep_count(layer, seq_len)
