@@ -20,6 +20,7 @@ from minipythia.cli import (add_compressor_args, add_model_args, check_tokenizer
 from minipythia.weights import DTYPES
 
 from .bench import bench_table, run_bench
+from .budget import UNITS
 from .data import DataError, check_max_tokens, load_books
 from .grid import ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, load_spec, spec_yaml
 from .ppl import check_window_args, default_windows
@@ -100,6 +101,9 @@ def build_parser(argv) -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="regenerate DIR/report.md and DIR/plots/ from a results folder")
     p.add_argument("dir")
+    p.add_argument("--budget", choices=UNITS, default="auto",
+                   help="x axis of the quality-vs-budget plots: KV entries kept per head, or the KV bytes the cache "
+                        "holds (auto: bytes when some configuration is quantized)")
 
     p = sub.add_parser("bench", help="minipythia vs transformers: TTFT, TPOT, bandwidth, in one run (make bench)")
     add_model_args(p)
@@ -270,7 +274,7 @@ def main(argv=None):
         if not Path(args.dir).is_dir():
             raise ValueError(f"results directory {args.dir!r} does not exist")
         with locked(args.dir):  # not while a run writes into it
-            print(write_report(args.dir))
+            print(write_report(args.dir, args.budget))
 
 
 if __name__ == "__main__":

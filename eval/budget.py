@@ -6,9 +6,15 @@ eviction, quantization and both compare at equal memory."""
 from __future__ import annotations
 
 
-def budget_axis(configs: list[dict]) -> tuple[str, dict[str, float]] | None:
-    """(x label, label -> x) of configs ({label, settings, kept, kv_bytes}); None when they do not record it."""
-    quantized = any(c["settings"].get("kv_bits") is not None for c in configs)
+UNITS = ("auto", "entries", "bytes")
+
+
+def budget_axis(configs: list[dict], unit: str = "auto") -> tuple[str, dict[str, float]] | None:
+    """(x label, label -> x) of configs ({label, settings, kept, kv_bytes}) in `unit`: entries, bytes, or auto
+    (bytes when some configuration is quantized); None when they do not record it."""
+    if unit not in UNITS:
+        raise ValueError(f"the budget unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    quantized = unit == "bytes" or (unit == "auto" and any(c["settings"].get("kv_bits") is not None for c in configs))
     key = "kv_bytes" if quantized else "kept"
     if any(c.get(key) is None for c in configs):
         return None

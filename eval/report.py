@@ -281,11 +281,12 @@ def complete_ppl(group: list[dict]) -> dict[str, float]:
             for label, rows in by.items() if {r["book"] for r in rows} == books}
 
 
-def ppl_budget_plot(group: list[dict], model: str, out: Path, configs: list[dict]) -> list[str]:
+def ppl_budget_plot(group: list[dict], model: str, out: Path, configs: list[dict], unit: str = "auto"
+                    ) -> list[str]:
     """Figure (a), PPL vs KV budget, of one group of PPL records."""
     ppl = complete_ppl(group)
     first = {r["label"]: r for r in group}
-    axis = budget_axis([c for c in configs if c["label"] in first])
+    axis = budget_axis([c for c in configs if c["label"] in first], unit)
     if axis is None:  # folders without config.json: the entries kept per head each record states
         axis = ("kept KV entries per head", {label: r.get("kept_per_head") for label, r in first.items()})
     x_label, budget = axis
@@ -352,9 +353,10 @@ def speed_plots(rows: list[dict], configs: list[dict], out: Path) -> list[str]:
             "has them all.", ""]
 
 
-def write_report(out: str | Path) -> Path:
+def write_report(out: str | Path, budget: str = "auto") -> Path:
     """DIR/report.md and DIR/plots/*.png from DIR/sweep.json and its folders (an older flat folder is moved
-    into that layout first)."""
+    into that layout first). budget: the x axis of the quality-vs-budget plots, entries kept per head or the
+    KV bytes held (eval.budget; auto: bytes when some configuration is quantized)."""
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"results directory {str(out)!r} does not exist")
@@ -367,10 +369,10 @@ def write_report(out: str | Path) -> Path:
     group = ppl_groups(results.ppl)[-1] if results.ppl else []  # the latest setup, when a file holds several
     if results.ppl:
         lines += [ppl_tables(results.ppl, results.per_book)]
-        lines += ppl_budget_plot(group, results.model, out, results.configs)
+        lines += ppl_budget_plot(group, results.model, out, results.configs, budget)
     else:
         lines += [results.ppl_missing, ""]
-    lines += task_section(results.configs, results.ppl, results.tasks, out)
+    lines += task_section(results.configs, results.ppl, results.tasks, out, budget)
     lines += ["## Speed and KV memory", ""]
     if results.speed:
         lines += [results.speed_heading, "", speed_table(results.speed), "", SPEED_NOTES, ""]

@@ -153,3 +153,19 @@ def test_settings_that_cannot_apply_are_errors(model):
     # new_cache's storage arguments are the compressor's storage settings
     assert model.new_cache(compressor=SnapKV(), kv_bits=2).compressor == SnapKV(kv_bits=2)
     assert NoCompression().settings() == {} and NoCompression(kv_bits=4).label == "none_kv4_g32_res128"
+
+
+def test_budget_plots_measure_in_bytes_when_some_configuration_is_quantized():
+    from eval.budget import budget_axis
+
+    plain = [dict(label="none", settings={}, kept=768, kv_bytes=4_000_000),
+             dict(label="snap", settings={"max_capacity_prompt": 256}, kept=256, kv_bytes=1_000_000)]
+    quantized = plain + [dict(label="kv4", settings={"kv_bits": 4}, kept=768, kv_bytes=1_100_000)]
+    assert budget_axis(plain) == ("kept KV entries per head", {"none": 768, "snap": 256})
+    label, x = budget_axis(quantized)
+    assert label.startswith("KV bytes") and x["kv4"] == pytest.approx(1_100_000 / 2**20)
+    assert budget_axis(plain, "bytes")[1]["snap"] == pytest.approx(1_000_000 / 2**20)
+    assert budget_axis(quantized, "entries")[1]["kv4"] == 768
+    assert budget_axis([dict(label="old", settings={}, kept=None)]) is None  # folders that predate the field
+    with pytest.raises(ValueError, match="one of auto, entries, bytes"):
+        budget_axis(plain, "tokens")

@@ -150,7 +150,8 @@ def heatmap_cells(task: str, tasks: list[dict], configs: list[dict]) -> dict[str
     return out
 
 
-def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: Path) -> list[str]:
+def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: Path, budget: str = "auto"
+                 ) -> list[str]:
     """The report's markdown for the tasks, with its figures written under out/plots."""
     if not tasks and not any("nll_short_sum" in r for r in ppl):
         return []
@@ -163,7 +164,7 @@ def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: P
              "(1 = as good as full KV, 0 = as if the context were not there; docs/tasks.md).", "",
              *[f"- **{name}**: {text}" for name, text in about], "",
              table(*retained_rows(configs, ppl, tasks)), ""]
-    axis = budget_axis(configs)
+    axis = budget_axis(configs, budget)
     panels = budget_panels(configs, ppl, tasks, axis[1]) if axis else {}
     if panels:
         plots.retained_vs_budget(panels, "retained vs KV budget (higher is better; 1 = full KV)",
