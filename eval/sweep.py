@@ -271,6 +271,8 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
     pending = [c for c in configs if not complete(c)]
     print(f"sweep: {len(configs)} configuration(s), {len(skipped)} skipped, {len(configs) - len(pending)} already "
           f"complete in {out}; {len(pending)} to run in batches of {spec.batch_size}", file=sys.stderr)
+    for task in spec.tasks if pending else []:
+        examples_of(task)  # now: a task that cannot run on this model or text says so before any work
     prompts = prompt_source = None
     if lengths and pending:
         prompts, prompt_source = speed_prompts(lengths, books, tokenizer, model.config.vocab_size)

@@ -75,6 +75,8 @@ class Needle(Task):
             return torch.tensor(text.tokenizer.encode(template), dtype=torch.long)
 
         contexts = self.context_lengths(model)
+        for context in contexts:  # the model's positions first: no text can make up for them
+            self.check_fits(model, context, f"a {context}-token prompt")
         out = []
         for kind in self.kinds:
             for trial in range(self.trials):
