@@ -201,3 +201,26 @@ def causal_attention(q, k):
     logits = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
     visible = torch.arange(Lk) <= torch.arange(Lk - Lq, Lk)[:, None]
     return logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+
+
+def random_ids(model, B: int, T: int, seed: int) -> torch.Tensor:
+    """(B, T) token ids uniformly drawn from the model's vocabulary, seeded."""
+    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def kept_sets_agree(positions, ref_scores, n_keep: int, rel_gap: float = 1e-3) -> tuple[int, int]:
+    """Per (batch, head), our kept positions (B, nh, n_keep) against the top n_keep of a reference's scores
+    (B, nh, L), wherever the reference has no near-tie at the cut (a gap under rel_gap of the cut's score):
+    those are counted as tied and skipped. Returns (compared, tied)."""
+    compared = tied = 0
+    B, H, _ = ref_scores.shape
+    for b in range(B):
+        for h in range(H):
+            ranked = ref_scores[b, h].sort(descending=True)
+            cut, below = ranked.values[n_keep - 1], ranked.values[n_keep]
+            if not cut - below > rel_gap * cut.abs():
+                tied += 1
+                continue
+            assert set(positions[b, h].tolist()) == set(ranked.indices[:n_keep].tolist()), (b, h)
+            compared += 1
+    return compared, tied

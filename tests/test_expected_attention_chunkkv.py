@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rotary_by_hand
+from conftest import kept_sets_agree, random_ids, rotary_by_hand
 from minipythia import COMPRESSORS, TOVA, KVCache, KnormPress, Prefill, Pythia, PythiaConfig, SnapKV, build_compressor
 from minipythia.compressors.chunkkv import ChunkKV
 from minipythia.compressors.expected_attention import ExpectedAttention
@@ -31,23 +31,6 @@ def compress_one_layer(compressor, q, k, v, rotary_pct=0.25):
     cache.append(0, k, v)
     cache.compress(0, q)
     return cache
-
-
-def kept_sets_agree(positions, ref_scores, n_keep, rel_gap=1e-3):
-    """Compares, per (batch, head), our kept positions with the top n_keep of the reference's scores,
-    where the reference has no near-tie at the cut. Returns (compared, tied)."""
-    compared = tied = 0
-    B, H, _ = ref_scores.shape
-    for b in range(B):
-        for h in range(H):
-            ranked = ref_scores[b, h].sort(descending=True)
-            cut, below = ranked.values[n_keep - 1], ranked.values[n_keep]
-            if not (cut - below > rel_gap * cut.abs()):
-                tied += 1
-                continue
-            assert set(positions[b, h].tolist()) == set(ranked.indices[:n_keep].tolist()), (b, h)
-            compared += 1
-    return compared, tied
 
 
 # --- ExpectedAttention --------------------------------------------------------------------------------------
@@ -329,17 +312,13 @@ def model(reference_checkpoint):
     return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1]).for_inference()
 
 
-def ids(model, B, T, seed):
-    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def test_expected_attention_end_to_end_matches_kvpress_on_prerope_queries(model):
     """The model's own pre-rotary queries (captured at the fused QKV projection, before the model rotates
     them in place) fed to the transcription select what our policy selects from the cached, rotated ones."""
     c = model.config
     B, L, C = 2, 60, 20
-    prompt = ids(model, B, L, 7)
+    prompt = random_ids(model, B, L, 7)
     captured = {}
 
     def hook(layer):
@@ -381,7 +360,7 @@ POLICIES = {
 @torch.no_grad()
 def test_policy_end_to_end_then_decoding(model, name):
     L, steps = 64, 4
-    prompt = ids(model, 1, L, 5)
+    prompt = random_ids(model, 1, L, 5)
     policy = POLICIES[name]()
     cache = model.new_cache(1, policy)
     logits = model(prompt, cache=cache)
@@ -401,7 +380,7 @@ def test_chunkkv_compresses_during_decoding_with_its_scorers_queries(model):
     policy = ChunkKV(max_capacity_prompt=16, chunk_size=4, scorer="h2o")
     assert policy.decode_queries() == policy.inner.decode_queries() == 8
     cache = model.new_cache(1, policy, decode_interval=4)
-    logits = model(ids(model, 1, 40, 8), cache=cache)
+    logits = model(random_ids(model, 1, 40, 8), cache=cache)
     for _ in range(12):
         logits = model(logits[:, -1:].argmax(-1), cache=cache)
         assert torch.isfinite(logits).all() and 16 <= cache.length(0) <= 20

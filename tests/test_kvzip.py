@@ -17,16 +17,14 @@ from minipythia import COMPRESSORS, KVCache, NoCompression, Prefill, Pythia, Pyt
 from minipythia.compressors.base import attention_weights
 from minipythia.compressors.kvzip import KVzip, reconstruction_attention
 
+from conftest import kept_sets_agree, random_ids
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def model(reference_checkpoint):
     return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1]).for_inference()
-
-
-def ids(model, B, T, seed):
-    return torch.randint(1, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 # --- the official rule, transcribed --------------------------------------------------------------------------
@@ -85,23 +83,6 @@ def official_scores(model, prompt, chunk_size, prev_postfix_size, n_sink, separa
     return scores
 
 
-def kept_sets_agree(positions, ref_scores, n_keep, rel_gap=1e-4):
-    """Per (batch, head), our kept positions against the top n_keep of the reference (attention/score.py
-    _threshold_uniform: top-k per head), where the reference has no near-tie at the cut. -> (compared, tied)."""
-    compared = tied = 0
-    B, H, _ = ref_scores.shape
-    for b in range(B):
-        for h in range(H):
-            ranked = ref_scores[b, h].sort(descending=True)
-            cut, below = ranked.values[n_keep - 1], ranked.values[n_keep]
-            if not cut - below > rel_gap * cut.abs():
-                tied += 1
-                continue
-            assert set(positions[b, h].tolist()) == set(ranked.indices[:n_keep].tolist()), (b, h)
-            compared += 1
-    return compared, tied
-
-
 @pytest.mark.parametrize("B,L,C,chunk_size,n_sink,separator_id", [
     (1, 40, 16, 2000, 4, 0),  # one chunk, the defaults
     (2, 33, 8, 2000, 0, None),  # no sinks, no separator, two rows
@@ -110,7 +91,7 @@ def kept_sets_agree(positions, ref_scores, n_keep, rel_gap=1e-4):
 ])
 @torch.no_grad()
 def test_kept_entries_match_the_official_scoring(model, B, L, C, chunk_size, n_sink, separator_id):
-    prompt = ids(model, B, L, seed=L)
+    prompt = random_ids(model, B, L, seed=L)
     policy = KVzip(max_capacity_prompt=C, n_sink=n_sink, chunk_size=chunk_size, separator_id=separator_id)
     cache = model.new_cache(B, policy)
     model(prompt, cache=cache)
@@ -119,7 +100,7 @@ def test_kept_entries_match_the_official_scoring(model, B, L, C, chunk_size, n_s
     for layer, ref in enumerate(reference):
         assert cache.positions(layer).shape == (B, model.config.num_attention_heads, C)
         assert (cache.positions(layer)[..., :n_sink] == torch.arange(n_sink)).all()
-        c, t = kept_sets_agree(cache.positions(layer), ref, C)
+        c, t = kept_sets_agree(cache.positions(layer), ref, C, rel_gap=1e-4)
         compared, tied = compared + c, tied + t
         # The scores themselves, not only the ranking (float32 against float64, two different forwards).
         ours = policy.reconstruction_scores[layer][..., n_sink:].double()
@@ -150,7 +131,7 @@ def test_kept_entries_are_those_the_reconstruction_attends_to_most(model):
     """One chunk, no sinks: the score of each prompt entry is the largest weight the model's own (causal)
     attention of the reconstruction [0] + prompt gives it, in an uncompressed forward of prompt + that."""
     L, C = 40, 12
-    prompt = ids(model, 1, L, seed=3)
+    prompt = random_ids(model, 1, L, seed=3)
     policy = KVzip(max_capacity_prompt=C, n_sink=0)
     cache = model.new_cache(1, policy)
     model(prompt, cache=cache)
@@ -169,7 +150,7 @@ def test_prompt_within_the_budget_stays_whole_without_a_reconstruction(model):
     for L in (10, 16):
         policy = KVzip(max_capacity_prompt=16)
         cache = model.new_cache(1, policy)
-        model(ids(model, 1, L, seed=L), cache=cache)
+        model(random_ids(model, 1, L, seed=L), cache=cache)
         assert policy.reconstruction_scores == {}  # nothing to evict: prepare ran no forward
         for layer in range(model.config.num_hidden_layers):
             assert torch.equal(cache.positions(layer), torch.arange(L).expand(1, model.config.num_attention_heads, L))
@@ -178,7 +159,7 @@ def test_prompt_within_the_budget_stays_whole_without_a_reconstruction(model):
 @torch.no_grad()
 def test_prefill_and_replay_keep_the_same_entries_and_decoding_continues(model):
     L, C, steps = 48, 16, 4
-    prompt = ids(model, 1, L, seed=9)
+    prompt = random_ids(model, 1, L, seed=9)
     direct = model.new_cache(1, KVzip(max_capacity_prompt=C))
     logits = model(prompt, cache=direct)
     recorded = Prefill.record(model, prompt)
@@ -207,7 +188,7 @@ def test_score_without_prepare_for_these_keys_is_a_clear_error(model):
     with pytest.raises(ValueError, match="prepare"):
         KVzip(max_capacity_prompt=8).score(0, k, k, k)
     policy = KVzip(max_capacity_prompt=8)
-    policy.prepare(model, ids(model, 1, 20, seed=1))  # another prompt length
+    policy.prepare(model, random_ids(model, 1, 20, seed=1))  # another prompt length
     cache = KVCache(c, 1, compressor=policy)
     cache.append(0, k, k)
     with pytest.raises(ValueError, match=r"scores of shape \(1, 4, 20\).*\(1, 4, 30\)"):
@@ -223,7 +204,7 @@ def test_kvzip_cannot_compress_during_decoding(model):
 def test_sliding_window_eval_replays_prefills_through_prepare(model):
     from eval.ppl import sliding_window_nll
 
-    text = ids(model, 1, 160, seed=4)[0]
+    text = random_ids(model, 1, 160, seed=4)[0]
     full = sliding_window_nll(model, text, 64, 16, NoCompression())
     nll = sliding_window_nll(model, text, 64, 16, KVzip(max_capacity_prompt=16))
     assert nll.shape == full.shape and torch.isfinite(nll).all()

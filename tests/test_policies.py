@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import causal_attention, rotary_by_hand
+from conftest import causal_attention, random_ids, rotary_by_hand
 from minipythia import (COMPRESSORS, H2O, TOVA, KnormPress, KVCache, NoCompression, Oracle, Pythia, PythiaConfig,
                         PyramidKV, RandomEviction, SnapKV, StreamingLLM, generate, oracle_future_queries)
 from minipythia.compressors import h2o as h2o_module
@@ -239,17 +239,13 @@ def model(reference_checkpoint):
     return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1]).for_inference()
 
 
-def ids(model, B, T, seed):
-    return torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
 @torch.no_grad()
 def test_oracle_future_queries_match_step_by_step_decoding(model):
     """The helper's queries equal those the model computes when the future tokens are fed one at a time
     through a cache, captured at the fused QKV projection and rotated by hand at their positions."""
     c = model.config
     B, L, F = 2, 20, 5
-    prompt, future = ids(model, B, L, 0), ids(model, B, F, 1)
+    prompt, future = random_ids(model, B, L, 0), random_ids(model, B, F, 1)
     got = oracle_future_queries(model, prompt, future)
     assert sorted(got) == list(range(c.num_hidden_layers))
 
@@ -279,7 +275,7 @@ def test_oracle_future_queries_match_step_by_step_decoding(model):
 @torch.no_grad()
 def test_oracle_end_to_end_selects_with_the_real_future(model):
     L, F, C = 30, 8, 12
-    prompt, future = ids(model, 1, L, 2), ids(model, 1, F, 3)
+    prompt, future = random_ids(model, 1, L, 2), random_ids(model, 1, F, 3)
     full = model.new_cache(1)
     model(prompt, cache=full)
     oracle = Oracle(max_capacity_prompt=C)
@@ -312,10 +308,10 @@ POLICIES = {
 @torch.no_grad()
 def test_policy_end_to_end_then_decoding(model, name):
     L, steps = 40, 4
-    prompt = ids(model, 1, L, 5)
+    prompt = random_ids(model, 1, L, 5)
     policy = POLICIES[name](model.config.num_hidden_layers)
     if name == "oracle":
-        policy.future_queries = oracle_future_queries(model, prompt, ids(model, 1, 6, 6))
+        policy.future_queries = oracle_future_queries(model, prompt, random_ids(model, 1, 6, 6))
     cache = model.new_cache(1, policy)
     logits = model(prompt, cache=cache)
     keep = [policy.keep_count(i, L) for i in range(model.config.num_hidden_layers)]
