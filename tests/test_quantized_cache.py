@@ -169,3 +169,34 @@ def test_budget_plots_measure_in_bytes_when_some_configuration_is_quantized():
     assert budget_axis([dict(label="old", settings={}, kept=None)]) is None  # folders that predate the field
     with pytest.raises(ValueError, match="one of auto, entries, bytes"):
         budget_axis(plain, "tokens")
+
+
+def test_a_sweep_takes_kv_bits_as_an_axis_and_records_the_bytes_held(tiny_checkpoint, tmp_path):
+    import json
+
+    from eval.__main__ import main
+    from eval.results import read_jsonl
+    from minipythia.cli import run_cli
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 60))
+    (tmp_path / "s.yaml").write_text(f"""
+data: {books}
+ctx_len: 96
+stride: 32
+max_tokens: 200
+policies:
+  - {{compressor: none, kv_bits: [null, 4]}}
+  - {{compressor: none, kv_bits: 4, kv_residual: 32}}    # 64-token window prompts: quantized beyond 32
+""")
+    out = tmp_path / "out"
+    assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    plain, quantized = (json.loads((out / label / "config.json").read_text())
+                        for label in ("none", "none_kv4_g32_res32"))
+    assert quantized["settings"]["kv_bits"] == 4 and quantized["kv_bytes"] < 0.6 * plain["kv_bytes"]
+    # (with the default residual of 128, a 64-token prompt stays in full precision: the same bytes as none)
+    assert json.loads((out / "none_kv4_g32_res128" / "config.json").read_text())["kv_bytes"] == plain["kv_bytes"]
+    (a,), (b,) = read_jsonl(out / "none" / "ppl.jsonl"), read_jsonl(out / "none_kv4_g32_res32" / "ppl.jsonl")
+    assert a["tokens"] == b["tokens"] and a["nll_sum"] != b["nll_sum"]  # scored on its own, not taken for none's
+    assert "KV MiB held" in (out / "report.md").read_text()
