@@ -99,6 +99,15 @@ class Compressor:
         as score() gets them; idx (B, nh, k) the kept entries, in position order. Returns (B, nh, k, hs)."""
         return None
 
+    # Whether heads may keep different numbers of entries (select); the model then gives the policy a cache
+    # that holds each head's entries only (minipythia.ragged_cache).
+    headwise: ClassVar[bool] = False
+
+    def select(self, layer: int, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """For a head-wise policy: which entries each head keeps, BoolTensor (B, nh, L), from its scores
+        (B, nh, L); keep = keep_count(layer, L), the average per head (heads may keep more or fewer)."""
+        raise NotImplementedError
+
     # Whether the policy also prunes key channels (key_channels); the model then gives it a cache that stores
     # only the kept channels of the prompt's keys (minipythia.pruned_keys_cache).
     prunes_key_channels: ClassVar[bool] = False
@@ -113,7 +122,7 @@ class Compressor:
     def alters_entries(self) -> bool:
         """Whether its cache holds anything but copies of the prefill's kept entries (quantized, pruned or
         merged ones): caches of one prefill that kept the same positions are then not the same cache."""
-        return (self.kv_bits is not None or self.prunes_key_channels
+        return (self.kv_bits is not None or self.prunes_key_channels or self.headwise
                 or type(self).kept_values is not Compressor.kept_values)
 
     def prepare(self, model, input_ids: torch.Tensor):
