@@ -88,6 +88,15 @@ class KVCache:
         """Original token position of each kept entry: LongTensor (B, nh, n)."""
         return self._positions[layer][:, :, : self._lengths[layer]]
 
+    def lengths(self, layer: int) -> torch.Tensor:
+        """Entries each head of a layer holds: LongTensor (B, nh) (the same for every head here)."""
+        return torch.full((self.batch_size, self.n_heads), self._lengths[layer], dtype=torch.long)
+
+    def key_padding(self, layer: int) -> torch.Tensor | None:
+        """Which of keys(layer) are entries, (B, nh, n), for caches whose heads hold different numbers of
+        them (padded to the longest); None here: every one is."""
+        return None
+
     @property
     def nbytes(self) -> int:
         """Bytes the cache's tensors really hold (allocated capacity, positions and kept queries included)."""

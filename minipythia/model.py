@@ -16,6 +16,7 @@ from .compressors import Compressor, NoCompression
 from .config import PythiaConfig
 from .pruned_keys_cache import PrunedKeysCache
 from .quantized_cache import QuantizedKVCache
+from .ragged_cache import RaggedKVCache
 
 
 def rotary_cos_sin(config: PythiaConfig, start: int, length: int, device, dtype):
@@ -60,6 +61,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(self.layer_idx, k, v)  # (B, nh, n_kept + T, hs)
         n_past = k.size(2) - T
+        # Heads that kept different numbers of entries are padded to the longest: (B, nh, n) True = an entry.
+        padding = cache.key_padding(self.layer_idx) if cache is not None else None
         # SDPA's default scale is head_size ** -0.5, as in GPT-NeoX.
         if T == 1:
             if cache is not None and q.device.type == "cpu" and q.dtype == torch.bfloat16:
@@ -68,12 +71,15 @@ class Attention(nn.Module):
                 # exact in float32, so only the attention's own rounding changes, and it shrinks).
                 k, v = cache.in_float32(k, v)
                 q = q.float()
-            y = F.scaled_dot_product_attention(q, k, v).to(x.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if padding is None else padding[:, :, None]
+                                               ).to(x.dtype)
         elif n_past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Every cached entry precedes the new tokens, so the new block is causal among itself only.
             mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
+            if padding is not None:
+                mask = mask & padding[:, :, None]  # (B, nh, T, n)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
         if cache is not None:
@@ -142,8 +148,10 @@ class Pythia(nn.Module):
         if storage and (compressor is None or isinstance(compressor, Compressor)):  # (KVCache names a wrong kind)
             compressor = dataclasses.replace(compressor or NoCompression(), **storage)
         p = self.embed_in.weight
-        # How the kept entries are stored: pruned key channels (ThinK), quantized (KIVI), or as they are.
-        kind = (PrunedKeysCache if getattr(compressor, "prunes_key_channels", False)
+        # How the kept entries are stored: per head (head-wise budgets), pruned key channels (ThinK), quantized
+        # (KIVI), or as they are.
+        kind = (RaggedKVCache if getattr(compressor, "headwise", False)
+                else PrunedKeysCache if getattr(compressor, "prunes_key_channels", False)
                 else QuantizedKVCache if getattr(compressor, "kv_bits", None) is not None else KVCache)
         return kind(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
                     decode_interval=decode_interval, record_queries=record_queries)

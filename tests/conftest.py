@@ -156,9 +156,10 @@ def rotary_by_hand(x: torch.Tensor, positions, config) -> torch.Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
-def decode_by_hand(model, token, position, kept_keys, kept_values):
+def decode_by_hand(model, token, position, kept_keys, kept_values, valid=None):
     """One decode step written out from the weights: token (B, 1) at rotary `position`, attending to the
-    given kept K, V per layer (B, nh, n, hs) plus its own. Returns logits (B, 1, vocab) and the new keys."""
+    given kept K, V per layer (B, nh, n, hs) plus its own; with `valid` (per layer, (B, nh, n) bool), only to
+    the entries it marks. Returns logits (B, 1, vocab) and the new keys."""
     c, sd = model.config, model.state_dict()
     nh, hs = c.num_attention_heads, c.head_size
 
@@ -178,7 +179,11 @@ def decode_by_hand(model, token, position, kept_keys, kept_values):
         q, k = rotary_by_hand(q, [position], c), rotary_by_hand(k, [position], c)
         new_keys.append(k)
         keys, values = torch.cat((kept_keys[i], k), dim=2), torch.cat((kept_values[i], v), dim=2)
-        weights = (q @ keys.transpose(-1, -2) / math.sqrt(hs)).softmax(dim=-1)  # (B, nh, 1, n+1)
+        logits = q @ keys.transpose(-1, -2) / math.sqrt(hs)  # (B, nh, 1, n+1)
+        if valid is not None:
+            seen = torch.cat((valid[i], torch.ones_like(valid[i][..., :1])), dim=-1)  # and its own entry
+            logits = logits.masked_fill(~seen[:, :, None], float("-inf"))
+        weights = logits.softmax(dim=-1)
         attn = linear((weights @ values).transpose(1, 2).reshape(x.shape), p + "attention.dense")
         mlp_in = x if c.use_parallel_residual else x + attn
         mlp = linear(F.gelu(linear(ln(mlp_in, p + "post_attention_layernorm"), p + "mlp.dense_h_to_4h")),
