@@ -70,6 +70,7 @@ class WindowScores:
     top1: torch.Tensor | None = None
     full_nll: torch.Tensor | None = None
     short_nll: torch.Tensor | None = None
+    kept_by_head: list[list[float]] | None = None  # head-wise policies: entries per (layer, head), window mean
 
 
 @torch.inference_mode()
@@ -97,6 +98,7 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
     shared_parts: dict[str, list[torch.Tensor]] = defaultdict(list)
     own = [0.0] * len(compressors)
     shared = 0.0
+    per_head, compressed_windows = [None] * len(compressors), 0
     for begin, end, prompt_len in tqdm(spans, desc=desc, disable=desc is None, unit="win", file=sys.stderr):
         t = clock(device)
         window = ids[:, begin:end]
@@ -129,7 +131,9 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
         # budgets above the prompt) reuse its forward.
         leading = [None] if short_context is not None else []
         times = [0.0] * (len(leading) + len(compressors))
-        results = score_replays(model, prefill, leading + compressors, targets, measure, times)
+        heads = [None] * len(leading) + per_head
+        results = score_replays(model, prefill, leading + compressors, targets, measure, times, heads)
+        per_head, compressed_windows = heads[len(leading):], compressed_windows + 1
         if leading:
             t = clock(device)
             start = max(prompt_len - short_context, 0)  # the control sees the last short_context prompt tokens
@@ -161,7 +165,9 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
     has_ref = short_context is not None
     common = {k: joined(shared_parts[k], has_ref) for k in ("full_nll", "short_nll")}
     return [WindowScores(nll=joined(p["nll"], True), compressed_nll=joined(p["compressed_nll"], has_ref),
-                         kl=joined(p["kl"], has_ref), top1=joined(p["top1"], has_ref), **common) for p in parts]
+                         kl=joined(p["kl"], has_ref), top1=joined(p["top1"], has_ref), **common,
+                         kept_by_head=None if h is None else (h / compressed_windows).tolist())
+            for p, h in zip(parts, per_head)]
 
 
 def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
@@ -273,6 +279,8 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
                           window_prompt=window_prompt, kept_per_head=budget[c.label])
             if mode == "window" and short_context is not None:
                 record.update(reference_fields(scores), short_context=short_context)
+            if mode == "window" and scores.kept_by_head is not None:
+                record["kept_by_head"] = [[round(x, 2) for x in row] for row in scores.kept_by_head]
             append_jsonl(path_of(c), record)
             fresh[c.label] = record
         records += [fresh.get(c.label) or done[key] for c, key in keyed]

@@ -35,6 +35,10 @@ class Kept:
         return cls([cache.positions(layer) for layer in range(cache.num_layers)],
                    c.label if c is not None and c.alters_entries else None)
 
+    def per_head(self) -> torch.Tensor:
+        """Entries each head holds, averaged over the batch: (layers, nh) float64 (padding is position -1)."""
+        return torch.stack([(p >= 0).sum(-1).double().mean(0) for p in self.positions]).cpu()
+
     def same(self, other: "Kept") -> bool:
         """Whether two caches of one prefill hold the same entries in every layer, head and batch row."""
         return self.altered_by == other.altered_by and all(
@@ -52,10 +56,12 @@ def forced_logits(model, prefill: Prefill, cache, targets: torch.Tensor) -> torc
 
 @torch.inference_mode()
 def score_replays(model, prefill: Prefill, compressors: list[Compressor | None], targets: torch.Tensor,
-                  measure: Callable[[torch.Tensor], Result], seconds: list[float] | None = None) -> list[Result]:
+                  measure: Callable[[torch.Tensor], Result], seconds: list[float] | None = None,
+                  per_head: list | None = None) -> list[Result]:
     """measure(logits (T, V) float32) of the targets through each compressor's cache, in order; computed once
     per distinct set of kept entries. With `seconds`, each compressor's own time (replay, forward, measure)
-    is added to its entry."""
+    is added to its entry; with `per_head`, each head-wise compressor's entries per head (Kept.per_head) are
+    added to its entry (None until the first)."""
     device = model.embed_in.weight.device
     results: list[Result] = []
     measured: list[tuple[Kept, Result]] = []
@@ -63,6 +69,8 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
         t = clock(device)
         cache = prefill.replay(model, compressor)
         kept = Kept.of(cache)
+        if per_head is not None and compressor is not None and compressor.headwise:
+            per_head[i] = kept.per_head() + (0 if per_head[i] is None else per_head[i])
         result = next((r for other, r in measured if other.same(kept)), None)
         if result is None:
             result = measure(forced_logits(model, prefill, cache, targets))

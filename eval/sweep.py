@@ -105,7 +105,7 @@ def held_bytes(model, configs: list[Compressor], prompt_len: int) -> dict[str, i
     them, do not depend on the values): the KV budget in bytes, which eviction and quantization share."""
     ids = torch.randint(0, model.config.vocab_size, (1, max(prompt_len, 1)), generator=torch.Generator().manual_seed(0))
     prefill = Prefill.record(model, ids.to(model.embed_in.weight.device))
-    return {c.label: prefill.replay(model, c).nbytes for c in configs}
+    return {c.label: prefill.replay(model, c).nbytes for c in configs} | {None: prefill.replay(model, None).nbytes}
 
 
 def merged_settings(out: Path, settings: dict) -> dict:
@@ -220,7 +220,9 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
             label=c.label, compressor=c.name, settings=c.settings(), window_prompt=window_prompt,
             kept_per_head=kept_per_head(c, n_layers, window_prompt),
             kept_per_layer=[min(c.keep_count(layer, window_prompt), window_prompt) for layer in range(n_layers)],
-            kv_bytes=kv_bytes[c.label], sweep=settings))
+            kv_bytes=kv_bytes[c.label], sweep=settings,
+            # What a cache that masks the entries a head drops, instead of freeing them (kvpress's AdaKV), holds.
+            **({"kv_bytes_masked": kv_bytes[None]} if c.headwise else {})))
 
     summary_path = out / "sweep.json"
     previous = read_json(summary_path) if summary_path.is_file() else {}

@@ -106,3 +106,19 @@ def test_a_forward_of_many_tokens_equals_decoding_them_one_by_one(model):
 
     nll = sliding_window_nll(model, ids[0], 128, 32, Unequal(max_capacity_prompt=48))
     assert bool(torch.isfinite(nll).all()) and not torch.equal(nll, sliding_window_nll(model, ids[0], 128, 32))
+
+
+def test_adakv_on_a_768_token_prompt_keeps_different_counts_in_snapkvs_bytes(model):
+    """Issue 15's bar: AdaKV(max_capacity_prompt=256) keeps a different number of entries per head, and holds
+    within 15% of SnapKV's bytes at C = 256 (the same entries in all), really freed."""
+    from minipythia.compressors.adakv import AdaKV
+
+    ids = torch.randint(0, 8000, (1, 768), generator=torch.Generator().manual_seed(3))
+    ada, snap = model.new_cache(compressor=AdaKV(max_capacity_prompt=256)), \
+        model.new_cache(compressor=SnapKV(max_capacity_prompt=256))
+    model(ids, cache=ada), model(ids, cache=snap)
+    for layer in range(ada.num_layers):
+        counts = ada.lengths(layer)
+        assert int(counts.sum()) == 4 * 256 and len(set(counts[0].tolist())) > 1
+        assert int(counts.min()) >= int(256 * 0.2)  # the safeguard
+    assert abs(ada.nbytes - snap.nbytes) <= 0.15 * snap.nbytes
