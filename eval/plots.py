@@ -162,3 +162,28 @@ def heatmaps(by_label: dict[str, dict[tuple, float]], title: str, row_name: str,
     axes[-1][0].set_ylabel(row_name, fontsize=8)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def head_budgets(by_label: dict[str, list[list[float]]], title: str, path: Path) -> Path:
+    """by_label: config -> [layer][head] entries kept: one annotated heatmap per configuration."""
+    labels = list(by_label)
+    cols = min(3, len(labels))
+    rows = -(-len(labels) // cols)
+    layers, heads = len(by_label[labels[0]]), len(by_label[labels[0]][0])
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 + 0.6 * heads * cols, 1.2 + 0.5 * layers * rows), squeeze=False)
+    for ax in axes.flat[len(labels):]:
+        ax.axis("off")
+    for ax, label in zip(axes.flat, labels):
+        grid = by_label[label]
+        image = ax.imshow(grid, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white")
+        ax.set_xticks(range(heads), [str(h) for h in range(heads)], fontsize=7)
+        ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
+        ax.set_title(label, fontsize=7)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    axes[-1][0].set_xlabel("head", fontsize=8)
+    axes[-1][0].set_ylabel("layer", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -259,7 +259,8 @@ def load_sweep(out: Path) -> Results:
     return Results("KV-cache compression sweep", header, sweep["model"], ppl, speed, heading,
                    [dict(label=c["label"], compressor=c["compressor"], settings=c["settings"],
                          kept=kept.get(c["label"], {}).get("kept_per_head"),
-                         kv_bytes=kept.get(c["label"], {}).get("kv_bytes")) for c in sweep["configs"]],
+                         kv_bytes=kept.get(c["label"], {}).get("kv_bytes"),
+                         kv_bytes_masked=kept.get(c["label"], {}).get("kv_bytes_masked")) for c in sweep["configs"]],
                    ppl_missing=sweep.get("ppl_skipped") or "No PPL results.", per_book=len(sweep["configs"]) <= 8,
                    lm_head=f"{arch['vocab']}x{arch['hidden']}" if arch else None, sections=sections, tasks=tasks)
 
@@ -353,6 +354,26 @@ def speed_plots(rows: list[dict], configs: list[dict], out: Path) -> list[str]:
             "has them all.", ""]
 
 
+def head_budget_section(configs: list[dict], ppl: list[dict], out: Path) -> list[str]:
+    """For head-wise policies: the entries each (layer, head) kept, averaged over the windows of every book
+    (a heatmap per configuration), and the bytes their caches hold next to what a cache that masks dropped
+    entries instead of freeing them would hold (as kvpress's AdaKV does)."""
+    by_label = {}
+    for c in configs:
+        rows = [r["kept_by_head"] for r in ppl if r["label"] == c["label"] and r.get("kept_by_head")]
+        if rows:
+            by_label[c["label"]] = [[sum(r[i][j] for r in rows) / len(rows) for j in range(len(rows[0][0]))]
+                                    for i in range(len(rows[0]))]
+    if not by_label:
+        return []
+    plots.head_budgets(by_label, "entries kept per head (rows: layers, columns: heads; mean over PPL windows)",
+                       out / "plots" / "head_budgets.png")
+    held = [[c["label"], f"{c['kv_bytes'] / 2**20:.3f}", f"{c['kv_bytes_masked'] / 2**20:.3f}"]
+            for c in configs if c["label"] in by_label and c.get("kv_bytes_masked") is not None]
+    return ["## Head-wise budgets", "", "![entries kept per head](plots/head_budgets.png)", "",
+            *([table(["config", "KV MiB held", "KV MiB a masking cache holds (kvpress)"], held), ""] if held else [])]
+
+
 def write_report(out: str | Path, budget: str = "auto") -> Path:
     """DIR/report.md and DIR/plots/*.png from DIR/sweep.json and its folders (an older flat folder is moved
     into that layout first). budget: the x axis of the quality-vs-budget plots, entries kept per head or the
@@ -373,6 +394,7 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     else:
         lines += [results.ppl_missing, ""]
     lines += task_section(results.configs, results.ppl, results.tasks, out, budget)
+    lines += head_budget_section(results.configs, results.ppl, out)
     lines += ["## Speed and KV memory", ""]
     if results.speed:
         lines += [results.speed_heading, "", speed_table(results.speed), "", SPEED_NOTES, ""]

@@ -122,3 +122,33 @@ def test_adakv_on_a_768_token_prompt_keeps_different_counts_in_snapkvs_bytes(mod
         assert int(counts.sum()) == 4 * 256 and len(set(counts[0].tolist())) > 1
         assert int(counts.min()) >= int(256 * 0.2)  # the safeguard
     assert abs(ada.nbytes - snap.nbytes) <= 0.15 * snap.nbytes
+
+
+def test_a_sweep_reports_each_heads_budget_and_the_bytes_a_masking_cache_would_hold(tiny_checkpoint, tmp_path):
+    import json
+
+    from eval.__main__ import main
+    from eval.results import read_jsonl
+    from minipythia.cli import run_cli
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 60))
+    (tmp_path / "s.yaml").write_text(f"""
+data: {books}
+ctx_len: 96
+stride: 32
+max_tokens: 200
+policies:
+  - {{compressor: none}}
+  - {{compressor: adakv, max_capacity_prompt: 40, scorer: knorm}}
+""")
+    out = tmp_path / "out"
+    assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    (record,) = read_jsonl(out / "adakv_c40_knorm_a0.2" / "ppl.jsonl")
+    heads = record["kept_by_head"]  # (layers, heads): every window keeps 4 x 40 entries per layer
+    assert len(heads) == 2 and all(sum(row) == pytest.approx(4 * 40, abs=0.05) for row in heads)
+    config = json.loads((out / "adakv_c40_knorm_a0.2" / "config.json").read_text())
+    assert config["kv_bytes"] < 0.75 * config["kv_bytes_masked"]  # 40 of 64 entries, really freed
+    report = (out / "report.md").read_text()
+    assert "## Head-wise budgets" in report and (out / "plots" / "head_budgets.png").is_file()
