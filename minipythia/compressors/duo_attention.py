@@ -1,0 +1,133 @@
+from dataclasses import dataclass
+
+import torch
+
+from .base import Compressor
+from .registry import register
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of the model's rotary ("rotate half" on the first nd features): x (..., T, hs) rotated at
+    the positions of cos, sin (T, nd) -> x as it was before the rotation (a rotation by minus the angle)."""
+    nd = cos.size(-1)
+    x_rot, x_pass = x[..., :nd], x[..., nd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos - rotated * sin, x_pass), dim=-1)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The model's rotary, out of place: x (..., T, hs), cos, sin (T, nd)."""
+    nd = cos.size(-1)
+    x_rot, x_pass = x[..., :nd], x[..., nd:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+@register
+@dataclass
+class DuoAttention(Compressor):
+    """DuoAttention, retrieval and streaming heads (Xiao et al. 2024, "DuoAttention: Efficient Long-Context
+    LLM Inference with Retrieval and Streaming Heads", arXiv 2410.10819; mit-han-lab/duo-attention), as in
+    NVIDIA kvpress `kvpress/presses/duo_attention_press.py` (DuoAttentionPress with on_the_fly_scoring=True).
+
+    Each head is either a retrieval head, which keeps every entry of the prompt, or a streaming head, which
+    keeps the first `sink_size` (the attention sinks) and the last `recent_size` entries only (all of them
+    when the prompt has at most sink_size + recent_size tokens). In each layer the round(nh *
+    head_compression_ratio) heads of lowest head score stream (ties: the lower head first), the others
+    retrieve.
+
+    The head score is kvpress's on-the-fly one (`duo_attention_on_the_fly`): take the layer's mean query and
+    mean key before rotary, repeat each `pattern_length` times and rotate them at positions 0 ..
+    pattern_length - 1; softmax-attend with the last query over those keys, and score the head by the
+    area under the cumulated attention curve, mean_j sum_{i <= j} a_i. Because the query and keys are the
+    same vector at every position, the attention depends only on the distance: a head that attends to
+    nearby tokens has its mass at the end of the curve and scores near 0 (it streams first), one that
+    attends far back scores near 1.
+
+    Deviations, deliberate: kvpress averages the queries and keys over 50 BookSum samples once per model,
+    and ranks all heads of the model together; here the means are over the prompt itself (its queries and
+    keys, un-rotated from their positions 0 .. L-1), per batch row, and the heads are ranked within each
+    layer (a layer's cache is set before the next layer is computed), so each layer streams the same share
+    of its heads. kvpress's defaults on the fly are sink_size 128, recent_size 256 (kept here) and
+    head_compression_ratio 0 (here 0.5, 0 keeping everything). kvpress masks the streaming heads' middle
+    entries at attention time; here they are evicted (a ragged cache, minipythia.ragged_cache).
+
+    Not built yet: the calibrated patterns (DuoAttention's trained gate values per head,
+    `full_attention_heads.tsv`, thresholded at the `sparsity` quantile over all heads) and the command that
+    would calibrate them for a Pythia checkpoint. Head-wise budgets are set once, at the prefill: it does
+    not compress during decoding.
+
+    `keep_count(layer, L)` is the average per head: (n_s * min(L, sink_size + recent_size) + (nh - n_s) * L)
+    // nh, n_s = round(nh * head_compression_ratio) the streaming heads.
+    """
+
+    name = "duo_attention"
+    label_names = {"head_compression_ratio": "hr", "sink_size": "sink", "recent_size": "rec",
+                   "pattern_length": "q"}
+    cannot_decode = ("its streaming and retrieval heads are chosen once, at the prefill, and a streaming head's "
+                     "window is a prompt's")
+    headwise = True
+    head_compression_ratio: float = 0.5  # the share of heads that stream
+    sink_size: int = 128  # kvpress's on-the-fly default
+    recent_size: int = 256  # kvpress's on-the-fly default
+    pattern_length: int = 500  # kvpress's q_len: the positions of the repeated mean query and key
+
+    def validate(self):
+        if not 0.0 <= self.head_compression_ratio <= 1.0:
+            raise ValueError(f"head_compression_ratio must be in [0, 1] (the share of heads that stream), got "
+                             f"{self.head_compression_ratio}")
+        if self.sink_size < 0:
+            raise ValueError(f"sink_size must be >= 0, got {self.sink_size}")
+        if self.recent_size < 1:
+            raise ValueError(f"recent_size must be >= 1, got {self.recent_size}")
+        if self.pattern_length < 1:
+            raise ValueError(f"pattern_length must be >= 1, got {self.pattern_length}")
+        super().validate()
+
+    def for_model(self, config):
+        self._config = config
+
+    def streaming_heads(self, n_head: int) -> int:
+        return round(n_head * self.head_compression_ratio)
+
+    def keep_count(self, layer, seq_len):
+        config = getattr(self, "_config", None)
+        if config is None:
+            raise ValueError("duo_attention needs the model's config (for_model) to count its heads")
+        nh = config.num_attention_heads
+        n_s = self.streaming_heads(nh)
+        window = min(seq_len, self.sink_size + self.recent_size)
+        return (n_s * window + (nh - n_s) * seq_len) // nh
+
+    def head_scores(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """keys, queries (B, nh, L, hs), rotated at positions 0 .. L-1 -> kvpress's on-the-fly score (B, nh)."""
+        from ..model import rotary_cos_sin  # the model imports the compressors
+
+        config = self._config
+        L, hs = keys.size(2), keys.size(3)
+        cos, sin = rotary_cos_sin(config, 0, L, keys.device, torch.float32)
+        q = unrotate(queries[:, :, -L:].float(), cos, sin).mean(dim=2, keepdim=True)  # (B, nh, 1, hs)
+        k = unrotate(keys.float(), cos, sin).mean(dim=2, keepdim=True)
+        n = self.pattern_length
+        cos, sin = rotary_cos_sin(config, 0, n, keys.device, torch.float32)
+        q_last = rotate(q, cos[-1:], sin[-1:])  # the mean query at position n - 1
+        k_all = rotate(k.expand(-1, -1, n, -1), cos, sin)  # the mean key at positions 0 .. n - 1
+        attn = (q_last @ k_all.transpose(-1, -2) / hs ** 0.5).softmax(dim=-1)[:, :, 0]  # (B, nh, n)
+        return attn.cumsum(dim=-1).mean(dim=-1)
+
+    def score(self, layer, keys, values, queries):
+        """Every entry of a head scores its head's score (select reads one per head)."""
+        return self.head_scores(keys, queries)[..., None].expand(keys.shape[:3])
+
+    def select(self, layer, scores, keep):
+        B, H, L = scores.shape
+        n_s = self.streaming_heads(H)
+        streaming = torch.zeros(B, H, dtype=torch.bool, device=scores.device)
+        if n_s > 0:
+            order = scores[..., 0].argsort(dim=-1, stable=True)[:, :n_s]
+            streaming.scatter_(-1, order, True)
+        pos = torch.arange(L, device=scores.device)
+        window = (pos < self.sink_size) | (pos >= L - self.recent_size)  # (L,)
+        return ~streaming[..., None] | window

@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import CapacityBudget, Compressor, settings_of
+from .none import NoCompression
+from .registry import COMPRESSORS, build_compressor, register
+
+
+@register
+@dataclass
+class PerLayer(CapacityBudget, Compressor):
+    """A different registered policy in each layer, e.g. the full KV cache in the first layers and SnapKV after.
+
+    `layers` names one policy per layer, from the bottom one up; when it names fewer than the model has, its
+    LAST name applies to every deeper layer: ("none", "snapkv") keeps layer 0 whole and compresses every other
+    layer with SnapKV (more names than layers is a ValueError from for_model). Each named policy is built once,
+    with its defaults plus `max_capacity_prompt` when it has that setting (the budget is shared), and a layer
+    is compressed exactly as its policy compresses it on a cache of its own: keep_count and score delegate to
+    it, with the real layer index (so that PyramidKV, say, keeps its per-layer budget). `inner[layer]` is the
+    layer's policy, filled by for_model once the depth is known; a name used by several layers is one policy.
+
+    Why some policies are refused: the cache is one kind for the whole model, chosen from the compressor's
+    class (model.new_cache), so a head-wise policy (its ragged cache), one that prunes key channels (its
+    pruned-keys cache) or one that sets its kept entries' values (merging) cannot be mixed per layer; nor can
+    per_layer nest itself. Quantized storage (kv_bits) is per_layer's own and applies to every layer.
+
+    Decoding (decode_interval): allowed only when every layer's policy can compress during decoding. The cache
+    keeps one window of newest queries for all layers, so decode_queries() is the largest any layer reads;
+    during decoding, score() hands each layer's policy only the newest decode_queries() of them that the policy
+    itself reads, which are exactly those a cache of its own would have kept. (A decode-time call is told from
+    the prefill's by its query count: the prefill gives one query per cached entry.)
+    """
+
+    name = "per_layer"
+    label_names = {"layers": ""}
+    max_capacity_prompt: int = 512
+    layers: tuple[str, ...] = ("none", "snapkv")
+
+    def validate(self):
+        super().validate()
+        if not self.layers:
+            raise ValueError("layers must name at least one policy (one per layer; the last applies to the deeper "
+                             "layers), e.g. none,snapkv")
+        for i, policy in enumerate(self.layers):
+            cls = COMPRESSORS.get(policy)
+            if cls is None:
+                raise ValueError(f"layers[{i}] must be a registered policy, got {policy!r}; registered: "
+                                 f"{', '.join(n for n in COMPRESSORS if n != self.name)}")
+            why = self.refused(cls)
+            if why:
+                raise ValueError(f"layers[{i}] cannot be {policy!r}: {why}")
+
+    @staticmethod
+    def refused(cls: type[Compressor]) -> str | None:
+        """Why a policy cannot be one layer's (None: it can)."""
+        if issubclass(cls, PerLayer):
+            return "per_layer cannot nest itself"
+        if cls.headwise:
+            return "it gives heads budgets of their own, which needs a ragged cache for the whole model"
+        if cls.prunes_key_channels:
+            return "it prunes key channels, which needs a cache of its own for the whole model"
+        if cls.kept_values is not Compressor.kept_values:
+            return "it sets its kept entries' values itself, which per_layer cannot mix per layer"
+        return None
+
+    def __post_init__(self):
+        super().__post_init__()  # the settings are checked first, so every name is a usable one
+        self.policies: dict[str, Compressor] = {}  # each distinct name, built once
+        for policy in dict.fromkeys(self.layers):
+            own = {s.name for s in settings_of(COMPRESSORS[policy])}
+            given = {"max_capacity_prompt": self.max_capacity_prompt} if "max_capacity_prompt" in own else {}
+            try:
+                self.policies[policy] = build_compressor(policy, given)
+            except ValueError as e:
+                raise ValueError(f"per_layer's policy {policy} (its settings at their defaults, max_capacity_prompt "
+                                 f"{self.max_capacity_prompt}) cannot be built: {e}") from None
+        self.inner: list[Compressor] = []  # one per layer, filled by for_model
+
+    def policy(self, layer: int) -> Compressor:
+        """The policy of `layer`: its name in `layers`, or the last name for a deeper layer."""
+        if layer < len(self.inner):
+            return self.inner[layer]
+        return self.policies[self.layers[min(layer, len(self.layers) - 1)]]
+
+    def for_model(self, config):
+        n = config.num_hidden_layers
+        if len(self.layers) > n:
+            raise ValueError(f"per_layer names {len(self.layers)} policies ({','.join(self.layers)}) for a model of "
+                             f"{n} layers: give at most one per layer (the last applies to the deeper layers)")
+        self.inner = []  # policy() then reads `layers` afresh (for_model may be called again)
+        self.inner = [self.policy(layer) for layer in range(n)]
+        for policy in self.policies.values():
+            policy.for_model(config)
+
+    def keep_count(self, layer, seq_len):
+        return self.policy(layer).keep_count(layer, seq_len)
+
+    def score(self, layer, keys, values, queries):
+        policy = self.policy(layer)
+        # The cache never scores a layer that keeps all (keep_count); a wrapper with per_layer as its scorer would.
+        if isinstance(policy, NoCompression):
+            raise ValueError(f"per_layer's layer {layer} is {policy.name!r}, which keeps every entry and scores none: "
+                             f"per_layer with a 'none' layer cannot be another policy's scorer")
+        Q = queries.size(2)
+        if Q != keys.size(2):  # during decoding: the newest queries the layer's own policy reads (0: none)
+            reads = policy.decode_queries()
+            if 0 < reads < Q:
+                queries = queries[:, :, Q - reads :]
+        return policy.score(layer, keys, values, queries)
+
+    def decode_queries(self):
+        reads = []
+        for name, policy in self.policies.items():
+            try:
+                reads.append(policy.decode_queries())
+            except ValueError as e:
+                raise ValueError(f"per_layer with {name} in layers: {e}") from None
+        return max(reads)
+
+    def prepare(self, model, input_ids):
+        for policy in self.policies.values():
+            policy.prepare(model, input_ids)
+
+    def missing_input(self):
+        return next((m for m in (p.missing_input() for p in self.policies.values()) if m is not None), None)

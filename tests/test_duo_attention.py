@@ -1,0 +1,144 @@
+"""DuoAttention (retrieval and streaming heads), kvpress's on-the-fly head pattern."""
+
+import numpy as np
+import pytest
+import torch
+
+from minipythia import build_compressor
+from minipythia.compressors.duo_attention import DuoAttention
+from minipythia.config import PythiaConfig
+from minipythia.model import Pythia
+from minipythia.ragged_cache import RaggedKVCache
+
+from conftest import decode_by_hand, random_ids, rotary_by_hand
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+CONFIG = PythiaConfig(vocab_size=64, hidden_size=128, num_attention_heads=8, num_hidden_layers=1,
+                      intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25)
+
+
+def kvpress_on_the_fly(q_pre, k_pre, config, q_len):
+    """A transcription of kvpress `kvpress/presses/duo_attention_press.py`, duo_attention_on_the_fly, for
+    one layer and one sample (no GQA): q_pre, k_pre (nh, L, hs) before rotary -> head scores (nh,)."""
+    d = q_pre.size(-1)
+    q = q_pre.mean(dim=1, keepdim=True).repeat(1, q_len, 1)  # mean query, repeated q_len times
+    k = k_pre.mean(dim=1, keepdim=True).repeat(1, q_len, 1)
+    q, k = rotary_by_hand(q, range(q_len), config), rotary_by_hand(k, range(q_len), config)  # RoPE at 0..q_len-1
+    attn_weights = torch.matmul(q[:, -1:, :], k.transpose(1, 2)) / (d ** 0.5)  # the last token
+    attn_weights = attn_weights.softmax(dim=-1, dtype=torch.float32).squeeze()  # (nh, q_len)
+    return torch.cumsum(attn_weights, dim=1).mean(1)  # area under the cumulated attention curve
+
+
+def kvpress_streaming_mask(head_scores, ratio):
+    """kvpress DuoAttentionPress.__post_init_from_model__: the round(size * ratio) lowest heads stream."""
+    n_pruned = round(head_scores.size * ratio)
+    mask = np.zeros(head_scores.shape, dtype=bool)
+    if n_pruned > 0:
+        mask[np.unravel_index(np.argsort(head_scores, axis=None)[:n_pruned], head_scores.shape)] = True
+    return mask
+
+
+def rotated_prompt(seed, L=48, B=2):
+    """Queries and keys before rotary (B, nh, L, hs) with heads of varied reach, and after it at 0..L-1."""
+    g = torch.Generator().manual_seed(seed)
+    H, hs = CONFIG.num_attention_heads, CONFIG.head_size
+    q, k = torch.randn(B, H, L, hs, generator=g), torch.randn(B, H, L, hs, generator=g)
+    shift = torch.randn(B, H, 1, hs, generator=g) * torch.linspace(0.5, 6, H)[:, None, None]  # mean directions
+    q, k = q + shift, k + shift.roll(1, dims=1) * 0.7
+    return (q, k), (rotary_by_hand(q, range(L), CONFIG), rotary_by_hand(k, range(L), CONFIG))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_streaming_heads_are_kvpress_on_the_fly(seed, ratio):
+    (q_pre, k_pre), (q, k) = rotated_prompt(seed)
+    policy = DuoAttention(head_compression_ratio=ratio, sink_size=4, recent_size=8, pattern_length=100)
+    policy.for_model(CONFIG)
+    scores = policy.score(0, k, k, q)
+    mask = policy.select(0, scores, policy.keep_count(0, k.size(2)))
+    for b in range(q.size(0)):
+        ref = kvpress_on_the_fly(q_pre[b], k_pre[b], CONFIG, 100)
+        torch.testing.assert_close(scores[b, :, 0], ref, rtol=1e-4, atol=1e-5)
+        assert len(set(ref.tolist())) == ref.numel()  # no ties: the ranking is kvpress's
+        streaming = torch.from_numpy(kvpress_streaming_mask(ref.numpy(), ratio))
+        assert torch.equal(~mask[b].all(dim=-1), streaming)
+
+
+def test_heads_keep_sinks_and_recent_or_everything():
+    (_, _), (q, k) = rotated_prompt(0, L=40)
+    policy = DuoAttention(head_compression_ratio=0.5, sink_size=3, recent_size=5, pattern_length=64)
+    policy.for_model(CONFIG)
+    keep = policy.keep_count(0, 40)
+    H = CONFIG.num_attention_heads
+    assert keep == (4 * 8 + 4 * 40) // H
+    mask = policy.select(0, policy.score(0, k, k, q), keep)
+    window = torch.zeros(40, dtype=torch.bool)
+    window[:3] = window[-5:] = True
+    for b in range(2):
+        streaming = [h for h in range(H) if not mask[b, h].all()]
+        assert len(streaming) == 4
+        for h in streaming:
+            assert torch.equal(mask[b, h], window)
+    # a prompt no longer than the window stays whole; ratio 0 keeps everything
+    assert policy.keep_count(0, 8) == 8 and policy.keep_count(0, 5) == 5
+    none = DuoAttention(head_compression_ratio=0.0, sink_size=3, recent_size=5)
+    none.for_model(CONFIG)
+    assert none.keep_count(0, 40) == 40
+    assert bool(none.select(0, none.score(0, k, k, q), 40).all())
+    every = DuoAttention(head_compression_ratio=1.0, sink_size=3, recent_size=5)
+    every.for_model(CONFIG)
+    assert every.keep_count(0, 40) == 8
+    assert torch.equal(every.select(0, every.score(0, k, k, q), 8), window.expand(2, H, 40))
+
+
+@pytest.mark.parametrize("settings", [dict(head_compression_ratio=-0.1), dict(head_compression_ratio=1.5),
+                                      dict(sink_size=-1), dict(recent_size=0), dict(pattern_length=0)])
+def test_bad_settings_raise(settings):
+    with pytest.raises(ValueError):
+        DuoAttention(**settings)
+
+
+def test_registered_and_cannot_decode():
+    policy = build_compressor("duo_attention", {"head_compression_ratio": 0.25})
+    assert isinstance(policy, DuoAttention) and policy.headwise
+    assert policy.label == "duo_attention_hr0.25_sink128_rec256_q500"
+    with pytest.raises(ValueError, match="cannot compress during decoding"):
+        policy.decode_queries()
+
+
+@pytest.fixture(scope="module")
+def model(reference_checkpoint):
+    return Pythia.from_pretrained(reference_checkpoint("tiny", 0.25, True)[1]).for_inference()
+
+
+@torch.no_grad()
+def test_end_to_end_ragged_cache_and_decoding(model):
+    L, B = 96, 2
+    ids = random_ids(model, B, L, seed=3)
+    policy = DuoAttention(head_compression_ratio=0.5, sink_size=4, recent_size=16, pattern_length=200)
+    cache = model.new_cache(B, compressor=policy)
+    assert isinstance(cache, RaggedKVCache)
+    token = model(ids, cache=cache)[:, -1:].argmax(-1)
+    full = model.new_cache(B, record_queries=True)
+    model(ids, cache=full)
+    H = model.config.num_attention_heads
+    keys, values, valid = [], [], []
+    for layer in range(model.config.num_hidden_layers):
+        k, v, q = full.keys(layer), full.values(layer), full.recorded_queries[layer]
+        mask = policy.select(layer, policy.score(layer, k, v, q), policy.keep_count(layer, L))
+        lengths = cache.lengths(layer)
+        assert torch.equal(lengths, mask.sum(-1))
+        for b in range(B):  # both kinds of heads, half of each
+            assert sorted(lengths[b].tolist()) == [20] * (H // 2) + [L] * (H // 2)
+        keys.append(k), values.append(v), valid.append(mask)
+    for step in range(3):  # decoding attends to each head's kept entries and its own
+        by_hand, new_keys = decode_by_hand(model, token, L + step, keys, values, valid)
+        ours = model(token, cache=cache)
+        torch.testing.assert_close(ours, by_hand, rtol=0, atol=1e-5)
+        new_values = [cache.values(i)[:, :, -1:] for i in range(cache.num_layers)]
+        keys = [torch.cat((k, n), dim=2) for k, n in zip(keys, new_keys)]
+        values = [torch.cat((v, n), dim=2) for v, n in zip(values, new_values)]
+        valid = [torch.cat((m, torch.ones_like(m[..., :1])), dim=-1) for m in valid]
+        token = ours[:, -1:].argmax(-1)
+    assert torch.equal(cache.lengths(0), valid[0][..., :L].sum(-1) + 3)
