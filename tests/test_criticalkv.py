@@ -196,3 +196,18 @@ def test_registered_with_defaults():
     assert type(ckv) is CriticalKV and ckv.name == "criticalkv"
     assert (ckv.max_capacity_prompt, ckv.scorer, ckv.first_stage_ratio, ckv.epsilon) == (512, "snapkv", 0.5, 1e-4)
     assert ckv.label == "criticalkv_c512_snapkv_fs0.5_eps0.0001"
+
+
+def test_criticaladakv_is_adakv_over_criticalkv():
+    from minipythia import build_compressor
+    from minipythia.compressors.adakv import AdaKV
+    from minipythia.weights import EMBEDDED_MODEL
+
+    model = Pythia.from_pretrained(EMBEDDED_MODEL).for_inference()
+    ids = torch.randint(0, 8000, (1, 600), generator=torch.Generator().manual_seed(0))
+    named, composed = (model.new_cache(compressor=c) for c in (build_compressor("criticaladakv", {
+        "max_capacity_prompt": 128}), AdaKV(max_capacity_prompt=128, scorer="criticalkv")))
+    model(ids, cache=named), model(ids, cache=composed)
+    for layer in range(named.num_layers):
+        assert torch.equal(named.positions(layer), composed.positions(layer))
+        assert torch.equal(named.lengths(layer), composed.lengths(layer))

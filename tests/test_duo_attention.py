@@ -142,3 +142,35 @@ def test_end_to_end_ragged_cache_and_decoding(model):
         valid = [torch.cat((m, torch.ones_like(m[..., :1])), dim=-1) for m in valid]
         token = ours[:, -1:].argmax(-1)
     assert torch.equal(cache.lengths(0), valid[0][..., :L].sum(-1) + 3)
+
+
+def test_a_calibrated_pattern_from_a_few_books_replaces_the_prompts_own(tiny_checkpoint, tmp_path):
+    """python -m eval.calibrate_duo writes per-(layer, head) scores, the on-the-fly score averaged over the
+    books' prompts; DuoAttention(pattern_file=...) then streams the heads that file ranks lowest."""
+    import json
+
+    from eval.calibrate_duo import main
+    from minipythia.cli import run_cli
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for name in ("a", "b"):
+        (books / f"{name}.txt").write_text(" ".join([f"the {name} fox jumps over a lazy dog"] * 80))
+    out = tmp_path / "pattern.json"
+    assert run_cli(main, ["--model", str(tiny_checkpoint), "--data", str(books), "--prompt-len", "96",
+                          "--out", str(out)]) == 0
+    pattern = json.loads(out.read_text())
+    assert pattern["books"] == ["a", "b"] and len(pattern["scores"]) == 2 and len(pattern["scores"][0]) == 4
+    model = Pythia.from_pretrained(tiny_checkpoint).for_inference()
+    duo = DuoAttention(head_compression_ratio=0.5, sink_size=4, recent_size=16, pattern_file=str(out))
+    duo.for_model(model.config)
+    k = q = torch.randn(1, 4, 60, 16)
+    for layer, row in enumerate(pattern["scores"]):
+        kept = duo.select(layer, duo.score(layer, k, k, q), 0).sum(-1)[0]  # the same whatever the prompt
+        streaming = set(torch.tensor(row).argsort()[:2].tolist())
+        assert {h for h in range(4) if kept[h] == 20} == streaming
+    (tmp_path / "bad.json").write_text('{"scores": [[0.1, 0.2]]}')
+    with pytest.raises(ValueError, match="calibrate it for this model"):
+        DuoAttention(pattern_file=str(tmp_path / "bad.json")).for_model(model.config)
+    with pytest.raises(ValueError, match="cannot read the head pattern"):
+        DuoAttention(pattern_file=str(tmp_path / "missing.json"))

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .adakv import AdaKV
 from .base import CapacityBudget, Compressor
 from .none import NoCompression
 from .over_scorer import OverScorer
@@ -103,3 +104,13 @@ class CriticalKV(OverScorer, CapacityBudget, Compressor):
             chosen = scores.topk(first, dim=-1).indices
             refined.scatter_(-1, chosen, float("inf"))
         return refined
+
+
+@register
+@dataclass
+class CriticalAdaKV(AdaKV):
+    """CriticalAdaKV (Feng et al. 2025; kvpress `CriticalAdaKVPress`): AdaKV's head-wise budgets over
+    CriticalKV's scores, i.e. `AdaKV(scorer="criticalkv")` under its own name."""
+
+    name = "criticaladakv"
+    scorer: str = "criticalkv"

@@ -1,4 +1,6 @@
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,9 +56,11 @@ class DuoAttention(Compressor):
     head_compression_ratio 0 (here 0.5, 0 keeping everything). kvpress masks the streaming heads' middle
     entries at attention time; here they are evicted (a ragged cache, minipythia.ragged_cache).
 
-    Not built yet: the calibrated patterns (DuoAttention's trained gate values per head,
-    `full_attention_heads.tsv`, thresholded at the `sparsity` quantile over all heads) and the command that
-    would calibrate them for a Pythia checkpoint. Head-wise budgets are set once, at the prefill: it does
+    Calibrated patterns: `pattern_file`, written by `python -m eval.calibrate_duo` from a few books (the
+    same score averaged over their prompts, per layer and head), replaces the prompt's own scores. It is not
+    DuoAttention's own calibration (gate values trained per head on synthetic retrieval data,
+    `full_attention_heads.tsv`, thresholded at a sparsity quantile over all heads), which is not built
+    here. Head-wise budgets are set once, at the prefill: it does
     not compress during decoding.
 
     `keep_count(layer, L)` is the average per head: (n_s * min(L, sink_size + recent_size) + (nh - n_s) * L)
@@ -65,7 +69,7 @@ class DuoAttention(Compressor):
 
     name = "duo_attention"
     label_names = {"head_compression_ratio": "hr", "sink_size": "sink", "recent_size": "rec",
-                   "pattern_length": "q"}
+                   "pattern_length": "q", "pattern_file": "pattern"}
     cannot_decode = ("its streaming and retrieval heads are chosen once, at the prefill, and a streaming head's "
                      "window is a prompt's")
     headwise = True
@@ -73,6 +77,8 @@ class DuoAttention(Compressor):
     sink_size: int = 128  # kvpress's on-the-fly default
     recent_size: int = 256  # kvpress's on-the-fly default
     pattern_length: int = 500  # kvpress's q_len: the positions of the repeated mean query and key
+    # A calibrated head pattern (python -m eval.calibrate_duo): its per-head scores replace the prompt's own.
+    pattern_file: str | None = None
 
     def validate(self):
         if not 0.0 <= self.head_compression_ratio <= 1.0:
@@ -84,10 +90,16 @@ class DuoAttention(Compressor):
             raise ValueError(f"recent_size must be >= 1, got {self.recent_size}")
         if self.pattern_length < 1:
             raise ValueError(f"pattern_length must be >= 1, got {self.pattern_length}")
+        self._calibrated = read_pattern(self.pattern_file) if self.pattern_file else None
         super().validate()
 
     def for_model(self, config):
         self._config = config
+        if self._calibrated is not None:
+            shape = (config.num_hidden_layers, config.num_attention_heads)
+            if tuple(self._calibrated.shape) != shape:
+                raise ValueError(f"{self.pattern_file} holds head scores of shape {tuple(self._calibrated.shape)}, "
+                                 f"not this model's (layers, heads) = {shape}; calibrate it for this model")
 
     def streaming_heads(self, n_head: int) -> int:
         return round(n_head * self.head_compression_ratio)
@@ -118,8 +130,13 @@ class DuoAttention(Compressor):
         return attn.cumsum(dim=-1).mean(dim=-1)
 
     def score(self, layer, keys, values, queries):
-        """Every entry of a head scores its head's score (select reads one per head)."""
-        return self.head_scores(keys, queries)[..., None].expand(keys.shape[:3])
+        """Every entry of a head scores its head's score (select reads one per head): the calibrated one when
+        a pattern_file is given, else the prompt's own."""
+        if self._calibrated is not None:
+            heads = self._calibrated[layer].to(keys.device)[None].expand(keys.size(0), -1)  # (B, nh)
+        else:
+            heads = self.head_scores(keys, queries)
+        return heads[..., None].expand(keys.shape[:3])
 
     def select(self, layer, scores, keep):
         B, H, L = scores.shape
@@ -131,3 +148,13 @@ class DuoAttention(Compressor):
         pos = torch.arange(L, device=scores.device)
         window = (pos < self.sink_size) | (pos >= L - self.recent_size)  # (L,)
         return ~streaming[..., None] | window
+
+
+def read_pattern(path: str) -> torch.Tensor:
+    """The per-(layer, head) scores of a calibration file (eval.calibrate_duo), (layers, heads) float64."""
+    try:
+        scores = json.loads(Path(path).read_text())["scores"]
+        return torch.tensor(scores, dtype=torch.float64)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the head pattern {path!r} ({type(e).__name__}: {e}); write one with "
+                         f"python -m eval.calibrate_duo") from None
