@@ -229,3 +229,34 @@ def kept_sets_agree(positions, ref_scores, n_keep: int, rel_gap: float = 1e-3) -
             assert set(positions[b, h].tolist()) == set(ranked.indices[:n_keep].tolist()), (b, h)
             compared += 1
     return compared, tied
+
+
+def check_decoding_by_hand(model, cache, token, position: int, keys, values, valid, steps: int = 3):
+    """Decodes `steps` tokens through `cache` from `token` at `position`, each step's logits checked against
+    decode_by_hand over the given kept K, V per layer and the entries `valid` marks (heads may keep
+    different ones), to 1e-5; each new token joins every head. Returns the last masks (per layer)."""
+    for step in range(steps):
+        by_hand, new_keys = decode_by_hand(model, token, position + step, keys, values, valid)
+        ours = model(token, cache=cache)
+        torch.testing.assert_close(ours, by_hand, rtol=0, atol=1e-5)
+        new_values = [cache.values(i)[:, :, -1:] for i in range(cache.num_layers)]
+        keys = [torch.cat((k, n), dim=2) for k, n in zip(keys, new_keys)]
+        values = [torch.cat((v, n), dim=2) for v, n in zip(values, new_values)]
+        valid = [torch.cat((m, torch.ones_like(m[..., :1])), dim=-1) for m in valid]
+        token = ours[:, -1:].argmax(-1)
+    return valid
+
+
+def tiny_sweep(checkpoint: Path, tmp_path: Path, policies: str) -> Path:
+    """Runs `python -m eval sweep` on one small book (96 / 32 windows, 200 tokens) with the given policies
+    (YAML list lines) and returns its results folder."""
+    from eval.__main__ import main
+    from minipythia.cli import run_cli
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 60))
+    (tmp_path / "s.yaml").write_text(f"data: {books}\nctx_len: 96\nstride: 32\nmax_tokens: 200\npolicies:\n{policies}")
+    out = tmp_path / "out"
+    assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(checkpoint), "--out", str(out)]) == 0
+    return out

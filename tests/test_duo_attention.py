@@ -10,7 +10,7 @@ from minipythia.config import PythiaConfig
 from minipythia.model import Pythia
 from minipythia.ragged_cache import RaggedKVCache
 
-from conftest import decode_by_hand, random_ids, rotary_by_hand
+from conftest import check_decoding_by_hand, decode_by_hand, random_ids, rotary_by_hand
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -132,15 +132,7 @@ def test_end_to_end_ragged_cache_and_decoding(model):
         for b in range(B):  # both kinds of heads, half of each
             assert sorted(lengths[b].tolist()) == [20] * (H // 2) + [L] * (H // 2)
         keys.append(k), values.append(v), valid.append(mask)
-    for step in range(3):  # decoding attends to each head's kept entries and its own
-        by_hand, new_keys = decode_by_hand(model, token, L + step, keys, values, valid)
-        ours = model(token, cache=cache)
-        torch.testing.assert_close(ours, by_hand, rtol=0, atol=1e-5)
-        new_values = [cache.values(i)[:, :, -1:] for i in range(cache.num_layers)]
-        keys = [torch.cat((k, n), dim=2) for k, n in zip(keys, new_keys)]
-        values = [torch.cat((v, n), dim=2) for v, n in zip(values, new_values)]
-        valid = [torch.cat((m, torch.ones_like(m[..., :1])), dim=-1) for m in valid]
-        token = ours[:, -1:].argmax(-1)
+    valid = check_decoding_by_hand(model, cache, token, L, keys, values, valid)  # each head's entries
     assert torch.equal(cache.lengths(0), valid[0][..., :L].sum(-1) + 3)
 
 

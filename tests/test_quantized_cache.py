@@ -14,7 +14,7 @@ from minipythia.quantization import pack, quantize, unpack
 from minipythia.quantized_cache import QuantizedKVCache
 from minipythia.weights import EMBEDDED_MODEL
 
-from conftest import decode_by_hand
+from conftest import decode_by_hand, tiny_sweep
 
 
 @settings(max_examples=40, deadline=None)
@@ -174,24 +174,11 @@ def test_budget_plots_measure_in_bytes_when_some_configuration_is_quantized():
 def test_a_sweep_takes_kv_bits_as_an_axis_and_records_the_bytes_held(tiny_checkpoint, tmp_path):
     import json
 
-    from eval.__main__ import main
     from eval.results import read_jsonl
-    from minipythia.cli import run_cli
 
-    books = tmp_path / "books"
-    books.mkdir()
-    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 60))
-    (tmp_path / "s.yaml").write_text(f"""
-data: {books}
-ctx_len: 96
-stride: 32
-max_tokens: 200
-policies:
-  - {{compressor: none, kv_bits: [null, 4]}}
-  - {{compressor: none, kv_bits: 4, kv_residual: 32}}    # 64-token window prompts: quantized beyond 32
-""")
-    out = tmp_path / "out"
-    assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    out = tiny_sweep(tiny_checkpoint, tmp_path, "  - {compressor: none, kv_bits: [null, 4]}\n"
+                                                # 64-token window prompts: quantized beyond 32
+                                                "  - {compressor: none, kv_bits: 4, kv_residual: 32}\n")
     plain, quantized = (json.loads((out / label / "config.json").read_text())
                         for label in ("none", "none_kv4_g32_res32"))
     assert quantized["settings"]["kv_bits"] == 4 and quantized["kv_bytes"] < 0.6 * plain["kv_bytes"]

@@ -13,7 +13,7 @@ from minipythia import NoCompression, Pythia, SnapKV
 from minipythia.ragged_cache import RaggedKVCache
 from minipythia.weights import EMBEDDED_MODEL
 
-from conftest import decode_by_hand
+from conftest import check_decoding_by_hand, tiny_sweep
 
 
 @dataclass
@@ -59,15 +59,7 @@ def test_decoding_attends_to_each_heads_own_entries(model):
                 row = cache.positions(layer)[b, h]
                 assert torch.equal(row[: kept.numel()], kept) and bool((row[kept.numel():] == -1).all())
         keys.append(k), values.append(v), valid.append(mask)
-    for step in range(3):  # over the full prompt, masked to the kept entries: attention by hand
-        by_hand, new_keys = decode_by_hand(model, token, L + step, keys, values, valid)
-        ours = model(token, cache=cache)
-        torch.testing.assert_close(ours, by_hand, rtol=0, atol=1e-5)
-        new_values = [cache.values(i)[:, :, -1:] for i in range(cache.num_layers)]
-        keys = [torch.cat((k, n), dim=2) for k, n in zip(keys, new_keys)]
-        values = [torch.cat((v, n), dim=2) for v, n in zip(values, new_values)]
-        valid = [torch.cat((m, torch.ones_like(m[..., :1])), dim=-1) for m in valid]
-        token = ours[:, -1:].argmax(-1)
+    valid = check_decoding_by_hand(model, cache, token, L, keys, values, valid)  # each head's entries
     assert torch.equal(cache.lengths(0), valid[0][..., :L].sum(-1) + 3)
 
 
@@ -127,24 +119,10 @@ def test_adakv_on_a_768_token_prompt_keeps_different_counts_in_snapkvs_bytes(mod
 def test_a_sweep_reports_each_heads_budget_and_the_bytes_a_masking_cache_would_hold(tiny_checkpoint, tmp_path):
     import json
 
-    from eval.__main__ import main
     from eval.results import read_jsonl
-    from minipythia.cli import run_cli
 
-    books = tmp_path / "books"
-    books.mkdir()
-    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 60))
-    (tmp_path / "s.yaml").write_text(f"""
-data: {books}
-ctx_len: 96
-stride: 32
-max_tokens: 200
-policies:
-  - {{compressor: none}}
-  - {{compressor: adakv, max_capacity_prompt: 40, scorer: knorm}}
-""")
-    out = tmp_path / "out"
-    assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--out", str(out)]) == 0
+    out = tiny_sweep(tiny_checkpoint, tmp_path, "  - {compressor: none}\n"
+                                                "  - {compressor: adakv, max_capacity_prompt: 40, scorer: knorm}\n")
     (record,) = read_jsonl(out / "adakv_c40_knorm_a0.2" / "ppl.jsonl")
     heads = record["kept_by_head"]  # (layers, heads): every window keeps 4 x 40 entries per layer
     assert len(heads) == 2 and all(sum(row) == pytest.approx(4 * 40, abs=0.05) for row in heads)
