@@ -121,9 +121,9 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
             scores = dict(nll=-log_p.gather(1, targets[0, :, None])[:, 0])
             if short_context is not None:
                 if not reference:  # the first measured is full KV's (None leads the list below)
-                    reference.update(log_p=log_p, top1=logits.argmax(-1))
-                full = reference["log_p"]
-                scores.update(kl=(full.exp() * (full - log_p)).sum(-1), top1=logits.argmax(-1) == reference["top1"])
+                    reference.update(log_p=log_p, p=log_p.exp(), top1=logits.argmax(-1))
+                kl = (reference["p"] * (reference["log_p"] - log_p)).sum(-1)  # p once per window, not per config
+                scores.update(kl=kl, top1=logits.argmax(-1) == reference["top1"])
             return scores
 
         shared += clock(device) - t

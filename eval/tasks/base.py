@@ -30,7 +30,7 @@ from tqdm import tqdm
 from minipythia import Compressor, Prefill
 from minipythia.compressors.base import settings_of
 
-from ..nll import retained
+from ..nll import retained, token_nll
 from ..replay import score_replays
 from ..results import append_jsonl, read_jsonl
 
@@ -141,10 +141,12 @@ class Task:
         (teacher forcing follows greedy decoding for as long as they agree, so this is greedy exact match)."""
         targets = example.targets.view(1, -1)
 
+        scored = targets[:, -example.scored:]
+
         def measure(logits):
-            logits = logits[-example.scored:]
-            nll = torch.nn.functional.cross_entropy(logits, targets[0, -example.scored:], reduction="none")
-            return nll.double().mean().item(), bool((logits.argmax(-1) == targets[0, -example.scored:]).all())
+            logits = logits[None, -example.scored:]
+            nll = token_nll(logits, scored)
+            return nll.double().mean().item(), bool((logits.argmax(-1) == scored).all())
 
         control = Prefill.record(model, example.control.view(1, -1))
         control_nll, _ = score_replays(model, control, [None], targets, measure)[0]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import plots
 from ..budget import budget_axis, line_name
+from ..grid import folder_name
 from ..markdown import table
 from .base import TASK_RECORD_KEYS, TASKS, Task
 from ..results import read_jsonl
@@ -43,10 +44,6 @@ def ppl_retained(records: list[dict], key_tokens: bool = False) -> float | None:
         "nll_compressed_sum", "nll_full_sum", "nll_short_sum")
     gain_full = sum(r[short] - r[full] for r in rows)
     return sum(r[short] - r[this] for r in rows) / gain_full if gain_full > 1e-9 else None
-
-
-def folder_safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "-" for ch in name)
 
 
 def _fmt(x) -> str:
@@ -175,7 +172,7 @@ def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: P
             continue
         rows_key, cols_key = TASKS[task].heatmap
         for title, by_label in heatmap_cells(task, tasks, configs).items():
-            name = folder_safe(title.split(" (")[0].replace(" ", "_") + "_heatmap.png")  # e.g. needle_passkey_...
+            name = folder_name(title.split(" (")[0].replace(" ", "_") + "_heatmap.png")  # e.g. needle_passkey_...
             plots.heatmaps(by_label, f"{title} by {rows_key} (rows) and {cols_key} (columns)", rows_key, cols_key,
                            out / "plots" / name)
             lines += [f"![{title}](plots/{name})", ""]

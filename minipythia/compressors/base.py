@@ -55,7 +55,8 @@ class Compressor:
     def check_storage(self):
         """ValueError on storage settings that cannot be used, or that would do nothing without kv_bits."""
         if self.kv_bits is None:
-            if (self.kv_group_size, self.kv_residual) != (32, 128):
+            defaults = {f.name: f.default for f in dataclasses.fields(Compressor)}
+            if (self.kv_group_size, self.kv_residual) != (defaults["kv_group_size"], defaults["kv_residual"]):
                 raise ValueError("kv_group_size and kv_residual apply to a quantized cache: give kv_bits (2, 4 or 8)")
             return
         if self.kv_group_size < 1:
