@@ -73,11 +73,44 @@ class WindowScores:
     kept_by_head: list[list[float]] | None = None  # head-wise policies: entries per (layer, head), window mean
 
 
+def window_batches(spans: list[tuple[int, int, int]], batch_windows: int):
+    """The windows (begin, end, prompt_len) in order, in runs of consecutive windows of one shape (prompt
+    length and number of targets), at most batch_windows long: each run is prefilled as one batch. A window
+    without a prompt is a run of its own."""
+    def shape(span):  # its prompt length and number of targets
+        begin, end, prompt_len = span
+        return prompt_len, end - begin - prompt_len
+
+    run: list[tuple[int, int, int]] = []
+    for span in spans:
+        if run and (len(run) == batch_windows or not run[0][2] or shape(run[0]) != shape(span)):
+            yield run
+            run = []
+        run.append(span)
+    if run:
+        yield run
+
+
+def rows_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), targets (B, T) -> NLL (B, T): token_nll of each row (one call over the B * T rows
+    of logits, which for B = 1 is token_nll's own)."""
+    B, T = targets.shape
+    return F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T), reduction="none").view(B, T)
+
+
+def counted(runs, bar):
+    """The runs of windows, the bar advanced by a run's windows once it is done (as tqdm over the windows)."""
+    for run in runs:
+        yield run
+        bar.update(len(run))
+    bar.close()
+
+
 @torch.inference_mode()
 def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
                           compressors: list[Compressor | None] = (None,), desc: str | None = None,
-                          seconds: list[float] | None = None, short_context: int | None = None
-                          ) -> list[WindowScores]:
+                          seconds: list[float] | None = None, short_context: int | None = None,
+                          batch_windows: int = 1) -> list[WindowScores]:
     """Scores of each compressor over sliding windows of ids (1-D), from one prefill per window.
 
     Windows without a prompt are computed once for all; targets of compressors whose caches kept the same
@@ -85,11 +118,21 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
     reference of KL and top-1) and by a short-context control, from the same prefill. With `seconds` (a list
     of len(compressors)), each compressor's own work is added to its entry and the shared work split evenly.
     `desc` shows a tqdm bar over the windows.
+
+    batch_windows: consecutive windows of one shape (all but the first and the last, shorter one) are scored
+    up to this many at a time, one batch row each: one prefill, one replay per compressor (each row
+    compressed on its own: the caches keep each row's entries apart), one forward of the targets. The logits
+    of a batch take batch_windows times the memory. The figures are those of one window at a time, bit for
+    bit, where the BLAS rounds each row of a matrix product as it does that row alone: on the CPU measured
+    (MKL) it does for products of 12 rows or more per window (tests/test_batch_windows.py), not for fewer.
+    Policies whose rows would depend on each other in one cache are replayed a row at a time (eval.replay).
     """
     if ids.dim() != 1:
         raise ValueError(f"ids must be a 1-D LongTensor, got shape {tuple(ids.shape)}")
     if short_context is not None and short_context < 1:
         raise ValueError(f"short_context must be >= 1, got {short_context}")
+    if isinstance(batch_windows, bool) or not isinstance(batch_windows, int) or batch_windows < 1:
+        raise ValueError(f"batch_windows must be an integer >= 1 (windows scored together), got {batch_windows!r}")
     compressors = list(compressors)
     device = model.embed_in.weight.device
     ids = ids.to(device).view(1, -1)
@@ -99,10 +142,12 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
     own = [0.0] * len(compressors)
     shared = 0.0
     per_head, compressed_windows = [None] * len(compressors), 0
-    for begin, end, prompt_len in tqdm(spans, desc=desc, disable=desc is None, unit="win", file=sys.stderr):
+    bar = tqdm(total=len(spans), desc=desc, disable=desc is None, unit="win", file=sys.stderr)
+    for run in counted(window_batches(spans, batch_windows), bar):
         t = clock(device)
-        window = ids[:, begin:end]
-        if prompt_len == 0:
+        begin, end, prompt_len = run[0]
+        if prompt_len == 0:  # a run of one window
+            window = ids[:, begin:end]
             if end - begin < 2:  # a last window of one token: nothing to predict it from
                 continue
             nll = token_nll(model(window[:, :-1]), window[:, 1:])
@@ -112,18 +157,25 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
                 per_config["nll"].append(nll)
             shared += clock(device) - t
             continue
-        prompt, targets = window[:, :prompt_len], window[:, prompt_len:]
+        rows = torch.cat([ids[:, b:e] for b, e, _ in run])  # (B, window): the run's windows, one per row
+        prompt, targets = rows[:, :prompt_len], rows[:, prompt_len:]
         prefill = Prefill.record(model, prompt)
         reference = {}
 
-        def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        def measure(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (B, targets, V)
+            # Row by row: a batch's (B, targets, V) temporaries would outgrow the CPU's caches (3x slower).
+            rows_scores = [measure_row(b, logits[b]) for b in range(logits.size(0))]
+            return {k: torch.stack([r[k] for r in rows_scores]) for k in rows_scores[0]}
+
+        def measure_row(b: int, logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (targets, V)
             log_p = logits.log_softmax(-1)
-            scores = dict(nll=-log_p.gather(1, targets[0, :, None])[:, 0])
+            scores = dict(nll=-log_p.gather(-1, targets[b, :, None])[:, 0])
             if short_context is not None:
-                if not reference:  # the first measured is full KV's (None leads the list below)
-                    reference.update(log_p=log_p, p=log_p.exp(), top1=logits.argmax(-1))
-                kl = (reference["p"] * (reference["log_p"] - log_p)).sum(-1)  # p once per window, not per config
-                scores.update(kl=kl, top1=logits.argmax(-1) == reference["top1"])
+                if b not in reference:  # the first measured is full KV's (None leads the list below)
+                    reference[b] = dict(log_p=log_p, p=log_p.exp(), top1=logits.argmax(-1))
+                ref = reference[b]
+                kl = (ref["p"] * (ref["log_p"] - log_p)).sum(-1)  # p once per window, not per config
+                scores.update(kl=kl, top1=logits.argmax(-1) == ref["top1"])
             return scores
 
         shared += clock(device) - t
@@ -133,26 +185,31 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
         times = [0.0] * (len(leading) + len(compressors))
         heads = [None] * len(leading) + per_head
         results = score_replays(model, prefill, leading + compressors, targets, measure, times, heads)
-        per_head, compressed_windows = heads[len(leading):], compressed_windows + 1
+        # Summed over the run's rows (Kept.per_head): divided by the windows at the end, a mean per window.
+        per_head, compressed_windows = heads[len(leading):], compressed_windows + len(run)
+        # Every per-token figure is (B, targets): flattened row by row, they come window by window.
         if leading:
             t = clock(device)
             start = max(prompt_len - short_context, 0)  # the control sees the last short_context prompt tokens
-            short = token_nll(model(window[:, start:-1])[:, prompt_len - start - 1:], targets)
-            shared_parts["full_nll"].append(results[0]["nll"])
-            shared_parts["short_nll"].append(short)
+            short = rows_nll(model(rows[:, start:-1])[:, prompt_len - start - 1:], targets)
+            shared_parts["full_nll"].append(results[0]["nll"].flatten())
+            shared_parts["short_nll"].append(short.flatten())
             shared += clock(device) - t + times[0]
         for i, seconds_i in enumerate(times[len(leading):]):
             own[i] += seconds_i
         results = results[len(leading):]
-        for i, (per_config, scores) in enumerate(zip(parts, results)):
-            if not torch.isfinite(scores["nll"]).all():
-                label = compressors[i].label if compressors[i] is not None else "no compression"
-                raise nonfinite_nll(model, window, f"in the window of tokens {begin}..{end} with {label}")
-            per_config["nll"].append(scores["nll"])
+        # Checked in the order of one window at a time (by window, then by compressor): the same first error.
+        for row, (b, e, _) in enumerate(run):
+            for i, scores in enumerate(results):
+                if not torch.isfinite(scores["nll"][row]).all():
+                    label = compressors[i].label if compressors[i] is not None else "no compression"
+                    raise nonfinite_nll(model, rows[row : row + 1], f"in the window of tokens {b}..{e} with {label}")
+        for per_config, scores in zip(parts, results):
+            per_config["nll"].append(scores["nll"].flatten())
             if short_context is not None:
-                per_config["compressed_nll"].append(scores["nll"])
-                per_config["kl"].append(scores["kl"])
-                per_config["top1"].append(scores["top1"])
+                per_config["compressed_nll"].append(scores["nll"].flatten())
+                per_config["kl"].append(scores["kl"].flatten())
+                per_config["top1"].append(scores["top1"].flatten())
     if seconds is not None:
         for i in range(len(compressors)):
             seconds[i] += own[i] + shared / len(compressors)
@@ -172,9 +229,11 @@ def sliding_window_scores(model, ids: torch.Tensor, ctx_len: int = 2048, stride:
 
 def sliding_window_nlls(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
                         compressors: list[Compressor | None] = (None,), desc: str | None = None,
-                        seconds: list[float] | None = None) -> list[torch.Tensor]:
-    """Per-token NLLs (float32, one per scored token, in order) for each compressor, from shared prefills."""
-    return [s.nll for s in sliding_window_scores(model, ids, ctx_len, stride, compressors, desc, seconds)]
+                        seconds: list[float] | None = None, batch_windows: int = 1) -> list[torch.Tensor]:
+    """Per-token NLLs (float32, one per scored token, in order) for each compressor, from shared prefills
+    (batch_windows windows at a time: sliding_window_scores)."""
+    return [s.nll for s in sliding_window_scores(model, ids, ctx_len, stride, compressors, desc, seconds,
+                                                 batch_windows=batch_windows)]
 
 
 def sliding_window_nll(model, ids: torch.Tensor, ctx_len: int = 2048, stride: int = 512,
@@ -228,10 +287,52 @@ def reference_fields(s: WindowScores) -> dict:
                 key_nll_short_sum=keys["short"], retained_key=retained(keys["short"], keys["full"], keys["this"]))
 
 
+def ppl_base(meta: dict, mode: str, ctx_len: int, stride: int | None, max_tokens: int | None,
+             decode_interval: int | None = None) -> dict:
+    """What every PPL record of a setup holds and its key reads: meta (model, revision, dtype) and the windows."""
+    if mode not in ("window", "stream"):
+        raise ValueError(f"mode must be 'window' or 'stream', got {mode!r}")
+    base = dict(meta, mode=mode, ctx_len=ctx_len, stride=stride if mode == "window" else None, max_tokens=max_tokens)
+    return dict(base, decode_interval=decode_interval) if mode == "stream" else base
+
+
+def book_records(model, name: str, source: str, ids: torch.Tensor, configs: list[Compressor], base: dict,
+                 ctx_len: int, stride: int | None, mode: str = "window", decode_interval: int | None = None,
+                 short_context: int | None = None, batch_windows: int = 1) -> tuple[list[dict], list[float]]:
+    """The PPL record of each config on one book (base: ppl_base's), and the seconds each took (shared work
+    split evenly). Records hold results only, so that the same work gives the same record wherever it ran."""
+    window_prompt = ctx_len - stride if mode == "window" else ctx_len
+    seconds = [0.0] * len(configs)
+    desc = f"{name} ({configs[0].label})" if len(configs) == 1 else f"{name} ({len(configs)} configs)"
+    if mode == "stream":
+        results = stream_nlls(model, ids, ctx_len, configs, decode_interval, desc, seconds)
+    else:
+        results = sliding_window_scores(model, ids, ctx_len, stride, configs, desc, seconds, short_context,
+                                        batch_windows=batch_windows)
+    records = []
+    for c, scores in zip(configs, results):
+        nll = scores if mode == "stream" else scores.nll
+        nll_sum = nll.double().sum().item()
+        # What the budget is measured against: the steady-state window prompt (every window after the first),
+        # or in a stream the longest context, a whole segment.
+        record = dict(base, book=name, source=source, compressor=c.name, settings=c.settings(), label=c.label,
+                      book_tokens=ids.numel(), tokens=nll.numel(), nll_sum=nll_sum, ppl=math.exp(nll_sum / nll.numel()),
+                      window_prompt=window_prompt,
+                      kept_per_head=kept_per_head(c, model.config.num_hidden_layers, window_prompt))
+        if mode == "window" and short_context is not None:
+            record.update(reference_fields(scores), short_context=short_context)
+        if mode == "window" and scores.kept_by_head is not None:
+            record["kept_by_head"] = [[round(x, 2) for x in row] for row in scores.kept_by_head]
+        records.append(record)
+    return records, seconds
+
+
 def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], meta: dict, ctx_len: int,
             stride: int | None, max_tokens: int | None, path_of, mode: str = "window",
-            decode_interval: int | None = None, short_context: int | None = None) -> list[dict]:
-    """PPL of every (book, config) not yet in its config's jsonl file, appended as each book finishes.
+            decode_interval: int | None = None, short_context: int | None = None, batch_windows: int = 1
+            ) -> list[dict]:
+    """PPL of every (book, config) not yet in its config's jsonl file, appended as each book finishes
+    (book_records' records). The sweep runs the same per-book work as units (eval.units).
 
     books: (name, source, ids); meta: model, revision, dtype (in every record and key).
     path_of(config) -> the jsonl file of that config (the sweep's folder of that config).
@@ -239,19 +340,11 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
     mode: "window" (sliding windows of ctx_len tokens advancing by stride) or "stream" (eval/stream.py: token
     by token, restarting every ctx_len tokens, compressing during decoding every decode_interval; no stride).
     short_context (window mode): also score each window against full KV and a control of this many tokens of
-    context (reference_fields), from the same forwards.
+    context (reference_fields), from the same forwards. batch_windows: windows per forward (the same NLLs).
     """
-    if mode not in ("window", "stream"):
-        raise ValueError(f"mode must be 'window' or 'stream', got {mode!r}")
+    base = ppl_base(meta, mode, ctx_len, stride, max_tokens, decode_interval)
     done = {record_key(r): r for path in dict.fromkeys(path_of(c) for c in configs)
             for r in read_jsonl(path, PPL_RECORD_KEYS)}
-    base = dict(meta, mode=mode, ctx_len=ctx_len, stride=stride if mode == "window" else None, max_tokens=max_tokens)
-    if mode == "stream":
-        base["decode_interval"] = decode_interval
-    # What the budget is measured against: the steady-state window prompt (every window after the first), or
-    # in a stream the longest context, a whole segment.
-    window_prompt = ctx_len - stride if mode == "window" else ctx_len
-    budget = {c.label: kept_per_head(c, model.config.num_hidden_layers, window_prompt) for c in configs}
     records = []
     for name, source, ids in books:
         keyed = [(c, record_key(dict(base, book=name, label=c.label))) for c in configs]
@@ -260,28 +353,12 @@ def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Com
             paths = {str(path_of(c)) for c, key in keyed if key in done}
             where = paths.pop() if len(paths) == 1 else f"their {len(paths)} result files"
             print(f"{name}: {len(configs) - len(pending)} config(s) already in {where}, skipped", file=sys.stderr)
-        seconds = [0.0] * len(pending)
-        desc = f"{name} ({pending[0].label})" if len(pending) == 1 else f"{name} ({len(pending)} configs)"
-        if not pending:
-            results = []
-        elif mode == "stream":
-            results = stream_nlls(model, ids, ctx_len, pending, decode_interval, desc, seconds)
-        else:
-            results = sliding_window_scores(model, ids, ctx_len, stride, pending, desc, seconds, short_context)
         fresh = {}
-        for c, scores, secs in zip(pending, results, seconds):
-            nll = scores if mode == "stream" else scores.nll
-            nll_sum = nll.double().sum().item()
-            record = dict(base, book=name, source=source, compressor=c.name, settings=c.settings(), label=c.label,
-                          book_tokens=ids.numel(), tokens=nll.numel(), nll_sum=nll_sum,
-                          ppl=math.exp(nll_sum / nll.numel()), seconds=round(secs, 3),
-                          configs_in_pass=len(pending), threads=torch.get_num_threads(),
-                          window_prompt=window_prompt, kept_per_head=budget[c.label])
-            if mode == "window" and short_context is not None:
-                record.update(reference_fields(scores), short_context=short_context)
-            if mode == "window" and scores.kept_by_head is not None:
-                record["kept_by_head"] = [[round(x, 2) for x in row] for row in scores.kept_by_head]
-            append_jsonl(path_of(c), record)
-            fresh[c.label] = record
+        if pending:
+            rows, _ = book_records(model, name, source, ids, pending, base, ctx_len, stride, mode, decode_interval,
+                                   short_context, batch_windows)
+            for c, record in zip(pending, rows):
+                append_jsonl(path_of(c), record)
+                fresh[c.label] = record
         records += [fresh.get(c.label) or done[key] for c, key in keyed]
     return records

@@ -3,6 +3,9 @@
 A prompt is prefilled once (Prefill.record, full KV); each compressor's cache is replayed from it, one alive
 at a time, and the targets are teacher-forced through it in one forward. The first target is predicted by
 the prefill's last logits, which saw the full KV whatever the compressor (as generation's first token).
+B prompts of one length with B rows of targets of one length are scored the same way, as one batch: the
+caches keep each row's entries apart, so each row is compressed as it would be alone; a policy whose rows
+would depend on each other in one cache (Compressor.scored_by_row) is replayed one row at a time.
 Kept entries are copies of the one prefill's, so caches that kept the same positions (and store them alike)
 are the same cache and give the same logits: those are measured once (a budget at or above the prompt keeps
 everything, as none does, and so gives exactly none's figures).
@@ -36,8 +39,9 @@ class Kept:
                    c.label if c is not None and c.alters_entries else None)
 
     def per_head(self) -> torch.Tensor:
-        """Entries each head holds, averaged over the batch: (layers, nh) float64 (padding is position -1)."""
-        return torch.stack([(p >= 0).sum(-1).double().mean(0) for p in self.positions]).cpu()
+        """Entries each head holds, summed over the batch rows: (layers, nh) float64 (padding is position -1).
+        A sum of counts, exact, so that prompts scored in batches of any size add up to the same figures."""
+        return torch.stack([(p >= 0).sum((0, -1)).double() for p in self.positions]).cpu()
 
     def same(self, other: "Kept") -> bool:
         """Whether two caches of one prefill hold the same entries in every layer, head and batch row."""
@@ -46,37 +50,51 @@ class Kept:
 
 
 def forced_logits(model, prefill: Prefill, cache, targets: torch.Tensor) -> torch.Tensor:
-    """Logits (T, V) in float32 predicting each of targets (1, T) after the prefill, through `cache`
-    (which the forward extends by T - 1 entries)."""
-    first = prefill.logits[0, -1:].float()
+    """Logits (B, T, V) in float32 predicting each of targets (B, T) after the prefill of B prompts, through
+    `cache` (which the forward extends by T - 1 entries)."""
+    first = prefill.logits[:, -1:].float()
     if targets.size(1) == 1:
         return first
-    return torch.cat((first, model(targets[:, :-1], cache=cache)[0].float()))
+    return torch.cat((first, model(targets[:, :-1], cache=cache).float()), dim=1)
 
 
 @torch.inference_mode()
 def score_replays(model, prefill: Prefill, compressors: list[Compressor | None], targets: torch.Tensor,
                   measure: Callable[[torch.Tensor], Result], seconds: list[float] | None = None,
                   per_head: list | None = None) -> list[Result]:
-    """measure(logits (T, V) float32) of the targets through each compressor's cache, in order; computed once
-    per distinct set of kept entries. With `seconds`, each compressor's own time (replay, forward, measure)
-    is added to its entry; with `per_head`, each head-wise compressor's entries per head (Kept.per_head) are
-    added to its entry (None until the first)."""
+    """measure(logits (B, T, V) float32) of the targets (B, T) through each compressor's cache of the prefill
+    of B prompts, in order; computed once per distinct set of kept entries (in every row). With `seconds`,
+    each compressor's own time (replay, forward, measure) is added to its entry; with `per_head`, each
+    head-wise compressor's entries per head, summed over the B rows (Kept.per_head), are added to its entry
+    (None until the first)."""
     device = model.embed_in.weight.device
     results: list[Result] = []
     measured: list[tuple[Kept, Result]] = []
     for i, compressor in enumerate(compressors):
         t = clock(device)
-        cache = prefill.replay(model, compressor)
-        kept = Kept.of(cache)
-        if per_head is not None and compressor is not None and compressor.headwise:
-            per_head[i] = kept.per_head() + (0 if per_head[i] is None else per_head[i])
-        result = next((r for other, r in measured if other.same(kept)), None)
-        if result is None:
-            result = measure(forced_logits(model, prefill, cache, targets))
-            measured.append((kept, result))
-        results.append(result)
-        del cache  # one replayed cache alive at a time
+        if targets.size(0) > 1 and compressor is not None and compressor.scored_by_row:
+            # Its rows would depend on each other in one cache: each row alone, as a batch of one would be.
+            logits, heads = [], 0
+            for b in range(targets.size(0)):
+                row = prefill.row(b)
+                cache = row.replay(model, compressor)
+                heads = heads + Kept.of(cache).per_head()
+                logits.append(forced_logits(model, row, cache, targets[b : b + 1]))
+                del cache
+            if per_head is not None and compressor.headwise:
+                per_head[i] = heads + (0 if per_head[i] is None else per_head[i])
+            results.append(measure(torch.cat(logits)))
+        else:
+            cache = prefill.replay(model, compressor)
+            kept = Kept.of(cache)
+            if per_head is not None and compressor is not None and compressor.headwise:
+                per_head[i] = kept.per_head() + (0 if per_head[i] is None else per_head[i])
+            result = next((r for other, r in measured if other.same(kept)), None)
+            if result is None:
+                result = measure(forced_logits(model, prefill, cache, targets))
+                measured.append((kept, result))
+            results.append(result)
+            del cache  # one replayed cache alive at a time
         if seconds is not None:
             seconds[i] += clock(device) - t
     return results

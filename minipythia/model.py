@@ -175,7 +175,11 @@ class Pythia(nn.Module):
         if cache is not None:
             cache.advance(T)
         if last_only:
-            x = x[:, -1:]  # the LM head is a third of the FLOPs at 70m: skip it where no logits are needed
+            x = self.final_layer_norm(x[:, -1:])  # the LM head is a third of the FLOPs at 70m: skip it where
+            # no logits are needed. One batch row at a time: a BLAS rounds a product of B rows otherwise than
+            # B products of one (on MKL a GEMM from B = 4, where one row is a GEMV), and a prompt's logits must
+            # not depend on the batch it was prefilled in (eval.ppl's batch_windows).
+            return torch.cat([self.embed_out(row) for row in x.split(1)])
         return self.embed_out(self.final_layer_norm(x))
 
     def check_ids(self, input_ids: torch.Tensor):

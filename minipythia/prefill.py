@@ -38,6 +38,11 @@ class Prefill:
         return cls([cache.keys(i) for i in layers], [cache.values(i) for i in layers],
                     [cache.recorded_queries[i] for i in layers], logits, input_ids)
 
+    def row(self, b: int) -> "Prefill":
+        """The prefill of batch row b alone (views, no copies)."""
+        return Prefill([k[b : b + 1] for k in self.keys], [v[b : b + 1] for v in self.values],
+                       [q[b : b + 1] for q in self.queries], self.logits[b : b + 1], self.input_ids[b : b + 1])
+
     def replay(self, model, compressor=None, decode_interval: int | None = None) -> KVCache:
         """The cache a prefill of the same tokens with this compressor (and decode_interval) would have left."""
         cache = model.new_cache(self.keys[0].size(0), compressor, decode_interval)

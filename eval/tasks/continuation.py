@@ -116,7 +116,7 @@ class Continuation(Task):
         full = {}  # full KV's log-probs and top tokens: what the configurations' figures are measured against
 
         def measure(logits):
-            log_p = logits.log_softmax(-1)
+            log_p = logits[0].log_softmax(-1)  # (T, V): one example, one batch row
             if not full:  # score_replays measures None (full KV) first
                 full.update(log_p=log_p, top1=log_p.argmax(-1))
             kl = (full["log_p"].exp() * (full["log_p"] - log_p)).sum(-1)

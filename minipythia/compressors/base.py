@@ -109,6 +109,16 @@ class Compressor:
         (B, nh, L); keep = keep_count(layer, L), the average per head (heads may keep more or fewer)."""
         raise NotImplementedError
 
+    # Whether a batch row's cache depends on the other rows of its batch (random draws laid out by row). Such
+    # a policy, and every head-wise one (whose cache pads each head to the batch's longest, so that its
+    # attention rounds otherwise), is replayed one row at a time by batched evaluation (eval.replay): a
+    # prompt's figures never depend on the batch it was scored in.
+    rows_interact: ClassVar[bool] = False
+
+    @property
+    def scored_by_row(self) -> bool:
+        return self.rows_interact or self.headwise
+
     # Whether the policy also prunes key channels (key_channels); the model then gives it a cache that stores
     # only the kept channels of the prompt's keys (minipythia.pruned_keys_cache).
     prunes_key_channels: ClassVar[bool] = False

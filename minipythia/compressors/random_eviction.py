@@ -16,6 +16,7 @@ class RandomEviction(CapacityBudget, Compressor):
     """
 
     name = "random"
+    rows_interact = True  # row b's draws are the stream's b-th (B, nh, L) block: batched, a row gets others
     max_capacity_prompt: int = 512
     seed: int = 0
 
