@@ -2,19 +2,23 @@
 
     OUT/sweep.json            settings, the YAML, the configurations, the skipped ones with the reason, each run
     OUT/<label>/config.json   the compressor, its settings, its KV budget, the sweep's settings
-    OUT/<label>/ppl.jsonl     one record per book (eval.ppl.run_ppl's)
+    OUT/<label>/ppl.jsonl     one record per book (eval.ppl.book_records)
     OUT/<label>/speed.jsonl   one row per prompt length (eval.speed.measure's), with `reference`: no compression
                               measured in the same run, interleaved with it
-    OUT/<label>/<task>.jsonl  one record per example of each task beyond PPL (eval.tasks.run_task's)
+    OUT/<label>/<task>.jsonl  one record per example of each task beyond PPL (eval.tasks.example_records)
+    OUT/units.jsonl           the run's log: each unit's time, threads, device, host and process
     OUT/report.md, OUT/plots/ (eval.report)
 
 Identical tokens: every configuration scores the same books, truncation and windows, and configurations are
 scored `batch_size` at a time over one prefill per window (eval.ppl), whose per-token NLLs equal separate runs'.
 A batch holds one window's prefill (K, V and queries) and one replayed cache at a time whatever its size:
 the batch bounds how long a configuration waits for its folder to be complete, and costs one prefill per
-window and batch. Results are appended as each book (PPL) and prompt length (speed) finishes; a rerun skips
-the configurations whose folder is complete and the (book, config) pairs already scored, and refuses an OUT
-written with other settings, so a folder never mixes two setups.
+window and batch. The work is planned as units (eval.units: a batch's PPL on one book, its examples of one
+task), run here one after the other or on a Ray cluster (eval.executors); their records are appended in the
+plan's order either way, so the files are the same. Speed is measured here, after the units, one batch at a
+time. Results are appended as each unit finishes; a rerun skips the configurations whose folder is
+complete and the (book, config) pairs and examples already scored, and refuses an OUT written with other
+settings, so a folder never mixes two setups.
 """
 
 from __future__ import annotations
@@ -35,14 +39,17 @@ from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
 from .grid import PPL, ConfigError, SweepSpec, expand, folder_name
-from .ppl import PPL_RECORD_KEYS, kept_per_head, record_key, run_ppl
+from .executors import ModelSource, RayCluster, run_serial
+from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key
 from .report import write_report
 from .results import append_jsonl, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
-from .tasks import TextSource, run_task, sample_text, task_complete
+from .tasks import TASK_RECORD_KEYS, TextSource, sample_text, task_complete
+from .tasks import record_key as task_record_key
+from .units import Unit, Windows
 
 # Settings a folder written before they existed does not record; a sweep that has them may still add to it.
-LATER_SETTINGS = ("tasks", "task_text")
+LATER_SETTINGS = ("tasks", "task_text", "device")
 # The text tasks cut examples from: each book's first TASK_TEXT_POSITIONS x trained-length tokens, else
 # SAMPLED_STREAMS sequences of the trained length sampled from the model.
 TASK_TEXT_POSITIONS = 4
@@ -67,6 +74,8 @@ def sweep_settings(spec: SweepSpec, tokenized) -> dict:
         settings.update(mode=spec.mode, decode_interval=spec.decode_interval)
     if not spec.ppl:
         settings["ppl"] = False
+    if spec.device != "cpu":  # a GPU's kernels give other last bits: its results are not mixed with a CPU's
+        settings["device"] = spec.device.split(":")[0]
     tasks = {t.name: t.settings() for t in spec.tasks}
     if spec.ppl and spec.mode == "window" and spec.short_context is not None:
         tasks = {PPL: dict(short_context=spec.short_context), **tasks}
@@ -173,13 +182,43 @@ def measure_batch(model, prompts: dict, batch: list[Compressor], spec: SweepSpec
 
 
 def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: Path, out: Path, command: str,
-              ppl_skipped: str | None = None) -> Path:
+              ppl_skipped: str | None = None, cluster: RayCluster | None = None) -> Path:
     """Runs what is not done yet and writes OUT/report.md. spec.model / ctx_len / stride are the resolved ones.
     Without books (ppl_skipped says why), or with spec.ppl false, only the speed part runs (on the books' first
-    tokens, when there are books). OUT is locked meanwhile: a second run into it is refused."""
+    tokens, when there are books). With a cluster, the units run there (eval.executors), the rest here.
+    OUT is locked meanwhile: a second run into it is refused."""
     prepare_out(out)
     with locked(out):
-        return _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped)
+        return _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped, cluster)
+
+
+def plan_units(batches: list[list[Compressor]], books: list, tasks: dict, folders: dict[str, Path], base: dict,
+               meta: dict) -> list[Unit]:
+    """The work still to do, as units: per configuration batch, its PPL on each book the batch has not
+    all scored, then each task's examples some of the batch lack (with the labels that lack each)."""
+    units = []
+    for b, batch in enumerate(batches):
+        for name, source, ids in books:
+            todo = [c for c in batch if record_key(dict(base, book=name, label=c.label)) not in ppl_keys(folders, c)]
+            if todo:
+                units.append(Unit(len(units), b, todo, book=(name, source, ids)))
+        for task, examples in tasks.values():
+            done = {c.label: {task_record_key(r) for r in read_jsonl(folders[c.label] / f"{task.name}.jsonl",
+                                                                     TASK_RECORD_KEYS)} for c in batch}
+            todo = []
+            for example in examples:
+                labels = [c.label for c in batch if task_record_key(dict(
+                    meta, task=task.name, label=c.label, example=example.key)) not in done[c.label]]
+                if labels:
+                    todo.append((example, labels))
+            if todo:
+                units.append(Unit(len(units), b, [c for c in batch if any(c.label in ls for _, ls in todo)],
+                                  task=task, examples=todo))
+    return units
+
+
+def ppl_keys(folders: dict[str, Path], c: Compressor) -> set:
+    return {record_key(r) for r in read_jsonl(folders[c.label] / "ppl.jsonl", PPL_RECORD_KEYS)}
 
 
 def prepare_out(out: Path):
@@ -195,7 +234,7 @@ def prepare_out(out: Path):
         raise ValueError(f"cannot write results into {out} ({e.strerror}); give a folder you can write to") from None
 
 
-def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped):
+def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped, cluster):
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), clock(model.embed_in.weight.device)
     tokenized = tokenized_books(books, tokenizer, spec.max_tokens) if spec.ppl else []
     settings = sweep_settings(spec, tokenized)
@@ -239,13 +278,13 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
                           trained_positions=model.config.max_position_embeddings),
         data=describe_books(books, spec.max_tokens) if tokenized else "none (PPL skipped)", ppl_skipped=ppl_skipped,
         machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-                f"({torch.get_num_threads()} threads)",
+                f"({torch.get_num_threads()} threads)" + (f", {torch.cuda.get_device_name(model.embed_in.weight.device)}"
+                                                         if model.embed_in.weight.is_cuda else ""),
         configs=list(held.values()), skipped=skipped, runs=previous.get("runs", []))
     write_json(summary_path, summary)
 
     meta = dict(model=spec.model, revision=spec.revision, dtype=spec.dtype)
-    base = dict(meta, mode=spec.mode, ctx_len=spec.ctx_len, stride=spec.stride if spec.mode == "window" else None,
-                max_tokens=spec.max_tokens, decode_interval=spec.decode_interval)
+    base = ppl_base(meta, spec.mode, spec.ctx_len, spec.stride, spec.max_tokens, spec.decode_interval)
     names = [name for name, _, _ in tokenized] if spec.ppl else []
     lengths = spec.speed.prompt_lengths if spec.speed else []
 
@@ -275,27 +314,32 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
           f"complete in {out}; {len(pending)} to run in batches of {spec.batch_size}", file=sys.stderr)
     for task in spec.tasks if pending else []:
         examples_of(task)  # now: a task that cannot run on this model or text says so before any work
+    batches = [pending[i : i + spec.batch_size] for i in range(0, len(pending), spec.batch_size)]
+    units = plan_units(batches, tokenized if spec.ppl else [],
+                       {t.name: (t, examples_of(t)) for t in spec.tasks} if pending else {}, folders, base, meta)
+    windows = Windows(base, spec.ctx_len, spec.stride if spec.mode == "window" else None, spec.mode,
+                      spec.decode_interval, spec.short_context if spec.mode == "window" else None,
+                      spec.batch_windows)
+
+    def write(done):
+        for label, name, record in done.records:
+            append_jsonl(folders[label] / name, record)
+        append_jsonl(out / "units.jsonl", dict(done.log, run=run_id))
+
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    if cluster is None:
+        run_serial(units, model, windows, meta, write)
+    else:
+        cluster.run(units, ModelSource(str(Path(directory).resolve()), spec.dtype, spec.device),
+                    windows, meta, write)
     prompts = prompt_source = None
     if lengths and pending:
         prompts, prompt_source = speed_prompts(lengths, books, tokenizer, model.config.vocab_size)
-    run_id = time.strftime("%Y%m%d-%H%M%S")
-    bar = tqdm(total=len(configs), initial=len(configs) - len(pending), desc="sweep", unit="config", file=sys.stderr)
-    for i in range(0, len(pending), spec.batch_size):
-        batch = pending[i : i + spec.batch_size]
-        if spec.ppl:
-            run_ppl(model, tokenized, batch, meta, spec.ctx_len, spec.stride, spec.max_tokens,
-                    path_of=lambda c: folders[c.label] / "ppl.jsonl", mode=spec.mode,
-                    decode_interval=spec.decode_interval, short_context=spec.short_context)
-        for task in spec.tasks:
-            todo = [c for c in batch if not task_done(task, c)]
-            if todo:
-                run_task(task, model, examples_of(task), todo, meta, lambda c, task=task: task_path(task, c))
+    for i, batch in enumerate(batches):  # here, on the driver: timings are of this machine, one run at a time
         unmeasured = [c for c in batch if lengths and not complete_speed_rows(folders[c.label], lengths)]
         if unmeasured:
             measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=prompt_source),
-                          f"{run_id}-b{i // spec.batch_size}", folders, directory)
-        bar.update(len(batch))
-    bar.close()
+                          f"{run_id}-b{i}", folders, directory)
 
     t_end = clock(model.embed_in.weight.device)
     # How many examples each task has, so that the report can tell a configuration that has not scored them all.

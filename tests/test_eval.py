@@ -25,7 +25,7 @@ from conftest import pg19_dir, pythia_tokenizer_path
 
 REPO = Path(__file__).resolve().parents[1]
 PPL_FIELDS = {"book", "model", "dtype", "compressor", "settings", "label", "ctx_len", "stride", "max_tokens",
-              "tokens", "nll_sum", "ppl", "seconds"}
+              "tokens", "nll_sum", "ppl"}
 
 
 def hf_sliding_window_nll(hf, ids: torch.Tensor, ctx_len: int, stride: int) -> torch.Tensor:

@@ -161,8 +161,8 @@ def swept(tiny_checkpoint, books_dir, tmp_path_factory):
     nlls = {}
     real = eval.ppl.sliding_window_scores
 
-    def spy(model, ids, ctx_len, stride, compressors, desc=None, seconds=None, short_context=None):
-        results = real(model, ids, ctx_len, stride, compressors, desc, seconds, short_context)
+    def spy(model, ids, ctx_len, stride, compressors, desc=None, seconds=None, short_context=None, batch_windows=1):
+        results = real(model, ids, ctx_len, stride, compressors, desc, seconds, short_context, batch_windows)
         for c, scores in zip(compressors, results):
             nlls[(desc.split(" ")[0], c.label)] = scores.nll
         return results
@@ -239,8 +239,8 @@ def test_rerun_skips_complete_folders_and_resumes_an_interrupted_one(swept, tiny
     runs = []
     real_nlls, real_measure = eval.ppl.sliding_window_scores, eval.sweep.measure
     monkeypatch.setattr(eval.ppl, "sliding_window_scores",
-                        lambda model, ids, ctx, stride, cs, *a: runs.append([c.label for c in cs])
-                        or real_nlls(model, ids, ctx, stride, cs, *a))
+                        lambda model, ids, ctx, stride, cs, *a, **k: runs.append([c.label for c in cs])
+                        or real_nlls(model, ids, ctx, stride, cs, *a, **k))
     monkeypatch.setattr(eval.sweep, "measure", lambda model, prompts, cs, *a, **k: runs.append([c.label for c in cs])
                         or real_measure(model, prompts, cs, *a, **k))
     assert run_cli(main, argv) == 0

@@ -14,6 +14,7 @@ import torch
 
 import eval.ppl
 import eval.sweep
+import eval.units
 import eval.tasks.base
 from eval.__main__ import main
 from eval.grid import ConfigError, parse_spec
@@ -259,7 +260,7 @@ def test_a_sweep_runs_its_tasks_resumes_them_and_reports_retained(tiny_checkpoin
     def fail(*args, **kwargs):
         raise AssertionError("a complete task was scored again")
 
-    monkeypatch.setattr(eval.sweep, "run_task", fail)
+    monkeypatch.setattr(eval.units, "example_records", fail)
     capsys.readouterr()
     assert run_cli(main, argv) == 0
     assert "2 already complete" in capsys.readouterr().err

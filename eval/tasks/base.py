@@ -139,18 +139,19 @@ class Task:
         """The fields of each configuration's record on one example. This default scores the NLL of the
         scored targets through each compressed cache, with exact = every scored target is the greedy token
         (teacher forcing follows greedy decoding for as long as they agree, so this is greedy exact match)."""
-        targets = example.targets.view(1, -1)
+        device = model.embed_in.weight.device
+        targets = example.targets.view(1, -1).to(device)
 
         scored = targets[:, -example.scored:]
 
         def measure(logits):
-            logits = logits[None, -example.scored:]
+            logits = logits[:, -example.scored:]  # (1, scored, V): one example, one batch row
             nll = token_nll(logits, scored)
             return nll.double().mean().item(), bool((logits.argmax(-1) == scored).all())
 
-        control = Prefill.record(model, example.control.view(1, -1))
+        control = Prefill.record(model, example.control.view(1, -1).to(device))
         control_nll, _ = score_replays(model, control, [None], targets, measure)[0]
-        prefill = Prefill.record(model, example.prompt.view(1, -1))
+        prefill = Prefill.record(model, example.prompt.view(1, -1).to(device))
         (full_nll, full_exact), *results = score_replays(model, prefill, [None] + configs, targets, measure)
         return [dict(nll=nll, nll_full=full_nll, nll_control=control_nll, exact=exact, exact_full=full_exact,
                      **gains(control_nll, full_nll, nll, example.scored)) for nll, exact in results]
@@ -174,11 +175,14 @@ def run_task(task: Task, model, examples: list[Example], configs: list[Compresso
     for example in tqdm(examples, desc=f"{task.name} ({len(configs)} configs)", unit="example", file=sys.stderr):
         keys = {c.label: record_key(dict(base, label=c.label, example=example.key)) for c in configs}
         pending = [c for c in configs if keys[c.label] not in done]
-        if not pending:
-            continue
-        for c, fields in zip(pending, task.score(model, example, pending)):
-            append_jsonl(path_of(c), dict(base, label=c.label, compressor=c.name, settings=c.settings(),
-                                          example=example.key, **example.info, **fields))
+        for c, record in zip(pending, example_records(task, model, example, pending, meta) if pending else []):
+            append_jsonl(path_of(c), record)
+
+
+def example_records(task: Task, model, example: Example, configs: list[Compressor], meta: dict) -> list[dict]:
+    """Each configuration's record on one example (meta: model, revision, dtype)."""
+    return [dict(meta, task=task.name, label=c.label, compressor=c.name, settings=c.settings(), example=example.key,
+                 **example.info, **fields) for c, fields in zip(configs, task.score(model, example, configs))]
 
 
 def task_complete(path, task: Task, examples: list[Example], meta: dict, label: str) -> bool:

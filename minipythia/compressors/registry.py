@@ -63,6 +63,10 @@ def build_compressor(name: str, settings: dict | None = None) -> Compressor:
     return cls(**settings)
 
 
+# The package a policy file's module is put in (it is not importable by that name anywhere else).
+FILE_POLICY_PACKAGE = "minipythia_policies"
+
+
 def import_policies(sources) -> None:
     """Imports each source, a .py file or an importable module name, so that its @register calls run."""
     for source in sources:
@@ -70,7 +74,7 @@ def import_policies(sources) -> None:
         if path.suffix == ".py":
             if not path.is_file():
                 raise ValueError(f"policy module {source!r} does not exist; give a .py file or a module name")
-            module_name = f"minipythia_policies.{path.stem}"
+            module_name = f"{FILE_POLICY_PACKAGE}.{path.stem}"
             spec = importlib.util.spec_from_file_location(module_name, path.resolve())
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module  # so that dataclasses and type hints can find the module
