@@ -7,30 +7,34 @@ from flags, and write the same folder layout (OUT/sweep.json, OUT/<label>/...), 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 from minipythia import NoCompression, PythiaConfig, Tokenizer
-from minipythia.cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args,
+from minipythia.cli import (add_compressor_args, add_model_args, check_device, check_tokenizer, compressor_from_args,
                             load_for_inference, resolve_model, run_cli)
 from minipythia.weights import DTYPES
 
 from .bench import bench_table, run_bench
 from .budget import UNITS
 from .data import DataError, check_max_tokens, load_books
+from .executors import RayCluster
 from .grid import ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, load_spec, spec_yaml
 from .ppl import check_window_args, default_windows
 from .report import load_sweep, ppl_tables, speed_table, task_table, write_report
 from .speed import check_speed_args
 from .tasks import TASKS, build_task
-from .results import locked
+from .results import locked, read_json
+from .scale import is_scale_folder, member_folders, model_folder, write_index, write_scale_report
 from .stream import check_stream_args
 from .sweep import prepare_out, run_sweep
 
+LOCAL = "local"  # --ray without an address
 HOW_TO_ADD_PPL = ("No PPL: {reason}. To add it, rerun with --data DIR (a directory of .txt books, e.g. "
                   "../shared/data/pg19-test) or set PG19_DIR.")
 
@@ -61,9 +65,17 @@ def build_parser(argv) -> argparse.ArgumentParser:
     p.add_argument("config", help="the sweep's YAML file, e.g. eval/configs/compact.yaml (format: eval/grid.py)")
     p.add_argument("--out", default=None, help="results directory (default: results/<config name>); a rerun "
                                                "resumes, skipping the configurations already complete")
-    p.add_argument("--model", default=None, help="overrides the config's model")
-    p.add_argument("--revision", default=None, help="overrides the config's hub revision")
+    p.add_argument("--model", nargs="+", default=None, help="overrides the config's model(s)")
+    p.add_argument("--revision", nargs="+", default=None, help="overrides the config's revision(s)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="overrides the config's dtype")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
+    p.add_argument("--batch-windows", type=int, default=None, metavar="N",
+                   help="overrides the config's batch_windows: PPL windows scored N at a time (the same NLLs)")
+    p.add_argument("--ray", nargs="?", const=LOCAL, default=None, metavar="ADDRESS",
+                   help="run the units on Ray (pip install 'minipythia[ray]'): on the cluster at ADDRESS, or without "
+                        "one on a local cluster of --workers CPUs on 127.0.0.1")
+    p.add_argument("--workers", type=int, default=None, help="--ray without an address: the local cluster's CPUs "
+                                                              "(default: this machine's)")
     add_data_args(p, required=False)
 
     p = sub.add_parser("ppl", help="perplexity of one compressor (a sweep of one): OUT/<label>/ppl.jsonl, OUT/report.md")
@@ -114,7 +126,6 @@ def build_parser(argv) -> argparse.ArgumentParser:
     p.add_argument("--no-hf", action="store_true", help="skip transformers even when it is installed")
     p.add_argument("--sweep-tokens", type=int, default=4096,
                    help="tokens for the shared-prefill sweep timing (0 skips it)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--out", default="results/bench")
     return parser
 
@@ -125,15 +136,39 @@ def warn_positions(model, length: int, what: str):
               f"dense-attention PPL degrades sharply beyond them", file=sys.stderr)
 
 
-def run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
-    """Loads what the spec names (books, model, tokenizer), fills what depends on the model, runs the sweep.
-    The results folder is checked and locked first, so that nothing is loaded for a run that cannot write."""
+def run_spec(spec: SweepSpec, out: Path, command: str, ray: str | None = None, workers: int | None = None) -> Path:
+    """Loads what the spec names (books, model, tokenizer), fills what depends on the model, runs the sweep:
+    one per (model, revision) when the spec lists several (eval.scale), on Ray when `ray` is given (LOCAL or
+    an address). The results folder is checked and locked first, so that nothing is loaded for a run that
+    cannot write."""
+    if workers is not None and ray is None:
+        raise ValueError("--workers sizes the local Ray cluster of --ray; add --ray or leave --workers out")
+    check_device(spec.device)
     prepare_out(out)
     with locked(out):
-        return _run_spec(spec, out, command)
+        folders = member_folders(spec.members) if len(spec.members) > 1 else None
+        if folders and (out / "sweep.json").is_file():
+            raise ConfigError(f"{out} holds a sweep of one model; a sweep over models or revisions needs a folder "
+                              f"of its own: give another --out")
+        if not folders and is_scale_folder(out):
+            raise ConfigError(f"{out} holds a sweep over models or revisions; give another --out")
+        with RayCluster(None if ray == LOCAL else ray, workers) if ray else contextlib.nullcontext() as cluster:
+            if not folders:
+                return _run_spec(spec, out, command, cluster)
+            write_index(out, str(spec.path), spec.text, folders)
+            for (model, revision), folder in folders.items():
+                print(f"== {model_folder(model)} @ {revision or 'main'} -> {out / folder}", file=sys.stderr)
+                member = dataclasses.replace(spec, model=model, revision=revision, models=[model],
+                                             revisions=[revision])
+                prepare_out(out / folder)
+                with locked(out / folder):
+                    _run_spec(member, out / folder, command, cluster)
+        path = write_scale_report(out)
+        print(f"report over models and revisions: {path}")
+        return path
 
 
-def _run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
+def _run_spec(spec: SweepSpec, out: Path, command: str, cluster=None) -> Path:
     ppl_skipped = None
     try:
         books = load_books(spec.data, spec.books) if spec.data else []
@@ -151,7 +186,7 @@ def _run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
         raise ConfigError(f"{spec.path}: every configuration was skipped ({grid.skipped[0]['reason']})")
     tokenizer = Tokenizer.from_pretrained(spec.tokenizer or choice.directory)
     check_tokenizer(tokenizer, config)
-    model = load_for_inference(choice.directory, spec.dtype)
+    model = load_for_inference(choice.directory, spec.dtype, spec.device)
     # What was really used goes into the results: the default model, and windows that depend on the model.
     spec.model, spec.revision = choice.name, choice.revision
     if spec.mode == "window":
@@ -162,7 +197,7 @@ def _run_spec(spec: SweepSpec, out: Path, command: str) -> Path:
         warn_positions(model, spec.ctx_len, "ctx_len")
     if spec.speed:
         warn_positions(model, max(spec.speed.prompt_lengths), "speed prompt length")
-    return run_sweep(spec, books, model, tokenizer, choice.directory, out, command, ppl_skipped)
+    return run_sweep(spec, books, model, tokenizer, choice.directory, out, command, ppl_skipped, cluster)
 
 
 def one_policy(compressor) -> Policy:
@@ -171,10 +206,17 @@ def one_policy(compressor) -> Policy:
 
 def cmd_sweep(args, command: str):
     spec = load_spec(args.config)  # a bad config fails here, before the model loads
-    for key in ("model", "revision", "dtype", "data", "books", "tokenizer"):
+    for key in ("dtype", "data", "books", "tokenizer", "batch_windows"):
         if getattr(args, key) is not None:
             setattr(spec, key, getattr(args, key))
-    run_spec(spec, Path(args.out) if args.out else Path("results") / spec.path.stem, command)
+    if args.model is not None:
+        spec.models, spec.model = args.model, args.model[0]
+    if args.revision is not None:
+        spec.revisions, spec.revision = args.revision, args.revision[0]
+    if spec.batch_windows < 1:
+        raise ValueError(f"--batch-windows must be >= 1, got {spec.batch_windows}")
+    spec.device = args.device
+    run_spec(spec, Path(args.out) if args.out else Path("results") / spec.path.stem, command, args.ray, args.workers)
 
 
 def cmd_ppl(args, command: str):
@@ -186,7 +228,7 @@ def cmd_ppl(args, command: str):
                      revision=args.revision, dtype=args.dtype, data=args.data, books=args.books,
                      tokenizer=args.tokenizer, ctx_len=args.ctx_len, stride=args.stride, max_tokens=args.max_tokens,
                      mode=args.mode, decode_interval=args.decode_interval if args.mode == "stream" else None,
-                     batch_size=1, policy_modules=args.policy_module)
+                     batch_size=1, policy_modules=args.policy_module, device=args.device)
     spec.text = spec_yaml(spec)
     check_spec(spec)
     out = run_spec(spec, Path(args.out), command).parent
@@ -213,7 +255,7 @@ def cmd_task(args, command: str):
     spec = SweepSpec(path=Path("command line"), text="", policies=[one_policy(compressor)], model=args.model,
                      revision=args.revision, dtype=args.dtype, data=args.data or [], books=args.books,
                      tokenizer=args.tokenizer, ppl=False, tasks=[task], batch_size=1,
-                     policy_modules=args.policy_module)
+                     policy_modules=args.policy_module, device=args.device)
     spec.text = spec_yaml(spec)
     check_spec(spec)
     out = run_spec(spec, Path(args.out), command).parent
@@ -230,6 +272,7 @@ def cmd_speed(args, command: str):
     spec = SweepSpec(path=Path("command line"), text="", policies=policies, model=args.model, revision=args.revision,
                      dtype=args.dtype, data=args.data or ["pg19"], books=args.books, tokenizer=args.tokenizer,
                      max_tokens=None, ppl=False, batch_size=len(policies), policy_modules=args.policy_module,
+                     device=args.device,
                      speed=SpeedSpec(sorted(set(args.prompt_lens)), args.new_tokens, args.repeats, args.hf))
     spec.text = spec_yaml(spec)
     if not args.data:  # random prompts: no data is needed
@@ -246,8 +289,7 @@ def cmd_bench(args):
     check_speed_args(args.new_tokens, args.repeats)
     if args.sweep_tokens < 0:
         raise ValueError(f"--sweep-tokens must be >= 0 (0 skips the sweep timing), got {args.sweep_tokens}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device; use --device cpu")
+    check_device(args.device)
     prepare_out(Path(args.out))
     directory = resolve_model(args.model, args.revision).directory
     result = run_bench(directory, dtypes, args.prompt_lens, args.new_tokens, args.repeats, not args.no_hf,
@@ -274,7 +316,13 @@ def main(argv=None):
         if not Path(args.dir).is_dir():
             raise ValueError(f"results directory {args.dir!r} does not exist")
         with locked(args.dir):  # not while a run writes into it
-            print(write_report(args.dir, args.budget))
+            if is_scale_folder(Path(args.dir)):
+                for member in read_json(Path(args.dir) / "scale.json")["members"]:
+                    if (Path(args.dir) / member["folder"] / "sweep.json").is_file():
+                        write_report(Path(args.dir) / member["folder"], args.budget)
+                print(write_scale_report(Path(args.dir)))
+            else:
+                print(write_report(args.dir, args.budget))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="default: duo_attention_pattern.json in the checkpoint")
     args = parser.parse_args(argv)
     choice = resolve_model(args.model, args.revision)
-    model = load_for_inference(choice.directory, args.dtype)
+    model = load_for_inference(choice.directory, args.dtype, args.device)
     tokenizer = Tokenizer.from_pretrained(choice.directory)
     check_tokenizer(tokenizer, model.config)
     length = args.prompt_len or model.config.max_position_embeddings

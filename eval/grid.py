@@ -1,7 +1,8 @@
 """Sweep configuration: a YAML file that names the model, the data, the windows, an optional speed part and
 a grid of policies, and its expansion into compressors.
 
-    model: weights/tiny-pg19        # optional; --model overrides (default: as for every CLI)
+    model: weights/tiny-pg19        # optional; --model overrides (default: as for every CLI); a list is an axis
+    revision: [step1000, step143000]  # optional: hub revisions (training checkpoints); a list is an axis
     data: pg19                      # 'pg19', a directory of .txt books or a list of .txt files; --data overrides
     ctx_len: 1024                   # optional; default: the model's trained length, at most 2048
     stride: 256                     # optional; default: ctx_len / 4
@@ -9,6 +10,7 @@ a grid of policies, and its expansion into compressors.
     mode: window                    # window (default) | stream: token by token, compressing during decoding
     decode_interval: 64             # stream mode: entries a layer may hold above its budget before compressing
     tasks: [ppl, recall, needle, continuation]   # optional (default [ppl]); settings: {recall: {trials: 4}}
+    batch_windows: 8                # optional: PPL windows prefilled and scored 8 at a time (same NLLs as 1)
     speed: {prompt_lengths: [512, 1024, 2048], new_tokens: 32, repeats: 3, hf: false}   # optional
     policy_modules: [my_policy.py]  # optional: files (relative to this YAML) or modules that register policies
     policies:
@@ -23,6 +25,8 @@ value is a sequence (KnormPress's skip_layers) takes a flat list as one value an
 Settings derived from the model (PyramidKV's num_layers) are filled by the policy's for_model().
 `tasks` lists what each configuration is scored on (eval.tasks; ppl is eval.ppl's sliding windows, whose
 one setting is short_context, the control of its `retained`); a task's settings are single values, not axes.
+`model` and `revision` may be lists: every (model, revision) pair is a sweep of its own in OUT/<model>/<revision>/
+(eval.scale), each model loaded once; a local model directory's revision REV is its subfolder REV.
 Combinations the policy rejects (its ValueError, e.g. window >= capacity, or data it lacks, as the oracle's
 future queries) are skipped with the reason; anything else wrong (YAML syntax, unknown keys or policies,
 wrong types) is a ConfigError: the CLI prints it on one line and exits with code 2.
@@ -50,7 +54,8 @@ DEFAULT_BATCH_SIZE = 16
 PPL = "ppl"  # the task eval.ppl runs: sliding windows over the books
 DEFAULT_SHORT_CONTEXT = 128  # PPL's short-context control: the tokens before the targets it sees
 TOP_KEYS = ("model", "revision", "dtype", "data", "books", "tokenizer", "ctx_len", "stride", "max_tokens",
-            "mode", "decode_interval", "ppl", "tasks", "batch_size", "speed", "policy_modules", "policies")
+            "mode", "decode_interval", "ppl", "tasks", "batch_size", "batch_windows", "speed", "policy_modules",
+            "policies")
 SPEED_KEYS = ("prompt_lengths", "new_tokens", "repeats", "hf")
 
 
@@ -94,8 +99,23 @@ class SweepSpec:
     short_context: int | None = DEFAULT_SHORT_CONTEXT  # PPL's control (eval.ppl.reference_fields); None: none
     tasks: list[Task] = field(default_factory=list)  # the tasks beyond PPL, in the YAML's order
     batch_size: int = DEFAULT_BATCH_SIZE
+    batch_windows: int = 1  # PPL windows per forward (eval.ppl): how the work is done, not what it gives
     speed: SpeedSpec | None = None
     policy_modules: list[str] = field(default_factory=list)
+    # The model and revision axes (eval.scale): one sweep per pair, each run with `model` and `revision` set
+    # to it. None: the one `model` / `revision`.
+    models: list[str | None] | None = None
+    revisions: list[str | None] | None = None
+    device: str = "cpu"  # where the model runs (--device): not a YAML key, a property of the machine
+
+    def __post_init__(self):
+        self.models = [self.model] if self.models is None else self.models
+        self.revisions = [self.revision] if self.revisions is None else self.revisions
+
+    @property
+    def members(self) -> list[tuple[str | None, str | None]]:
+        """Every (model, revision) the sweep covers, models first."""
+        return list(itertools.product(self.models, self.revisions))
 
 
 @dataclass
@@ -159,14 +179,16 @@ def parse_spec(text: str, path: Path) -> SweepSpec:
     if "tasks" in raw and "ppl" in raw:
         raise ConfigError(f"{where}: give tasks (e.g. [ppl, recall]) or ppl: true/false, not both")
     ppl, short_context, tasks = _tasks(raw.get("tasks", [PPL]), where)
+    models, revisions = _axis(raw, "model", where), _axis(raw, "revision", where)
     spec = SweepSpec(path=path, text=text, policies=_policies(raw.get("policies"), where),
-                     model=get("model", str), revision=get("revision", str), dtype=dtype, data=data,
+                     model=models[0], revision=revisions[0], models=models, revisions=revisions, dtype=dtype, data=data,
                      books=get("books", int, minimum=1), tokenizer=get("tokenizer", str),
                      ctx_len=get("ctx_len", int, minimum=2), stride=get("stride", int, minimum=1),
                      max_tokens=get("max_tokens", int, DEFAULT_MAX_TOKENS, minimum=2, allow_none=True),
                      mode=mode, decode_interval=get("decode_interval", int, minimum=0),
                      ppl=get("ppl", bool, True) and ppl, short_context=short_context, tasks=tasks,
                      policy_modules=modules, batch_size=get("batch_size", int, DEFAULT_BATCH_SIZE, minimum=1),
+                     batch_windows=get("batch_windows", int, 1, minimum=1),
                      speed=_speed(raw.get("speed"), where))
     check_spec(spec)
     return spec
@@ -203,6 +225,18 @@ def spec_yaml(spec: SweepSpec) -> str:
     raw["policies"] = [dict(compressor=p.compressor, **{k: v[0] if len(v) == 1 else v for k, v in p.axes.items()})
                        for p in spec.policies]
     return yaml.safe_dump(raw, sort_keys=False)
+
+
+def _axis(raw: dict, key: str, where: str) -> list[str | None]:
+    """`model` / `revision`: a name or a list of names (an axis); a revision may be null (the default one)."""
+    value = raw.get(key)
+    values = value if isinstance(value, list) else [value]
+    nullable = key == "revision" or key not in raw
+    if not values or not all(isinstance(v, str) or (v is None and nullable) for v in values):
+        raise ConfigError(f"{where}: {key} must be a name or a list of names, got {value!r}")
+    if len(set(values)) < len(values):
+        raise ConfigError(f"{where}: {key} lists {next(v for v in values if values.count(v) > 1)!r} twice")
+    return values
 
 
 def _is(value, kind) -> bool:

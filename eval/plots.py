@@ -187,3 +187,27 @@ def head_budgets(by_label: dict[str, list[list[float]]], title: str, path: Path)
     axes[-1][0].set_ylabel("layer", fontsize=8)
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def quality_vs_scale(panels: dict[str, dict[str, list[tuple[float, float]]]], metric: str, x_label: str,
+                     log_x: bool, path: Path) -> Path:
+    """panels: panel title -> configuration -> [(x, value)]: a line per configuration across model sizes or
+    training steps, a panel per revision or model."""
+    names = list(panels)
+    labels = list(dict.fromkeys(label for lines in panels.values() for label in lines))
+    colors = _colors(labels)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names) + 1, 4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for label, points in panels[name].items():
+            points = sorted(points)
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", color=colors[label], label=label)
+        if log_x:
+            ax.set_xscale("log")
+        ax.axhline(0.0 if metric == "PPL vs none" else 1.0, linestyle="--", color="black", linewidth=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(x_label, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric + (" (relative; 0 = full KV)" if metric == "PPL vs none" else " (1 = full KV)"))
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

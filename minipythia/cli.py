@@ -26,8 +26,10 @@ def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default=None,
                         help=f"checkpoint directory, registry name (pythia-70m-deduped) or hub id (default: "
                              f"{DEFAULT_MODEL} when cached or reachable, else the embedded weights/{EMBEDDED_MODEL.name})")
-    parser.add_argument("--revision", default=None, help="hub revision, e.g. step3000 (training checkpoints)")
+    parser.add_argument("--revision", default=None, help="hub revision, e.g. step3000 (training checkpoints); for a "
+                                                          "local directory, its subfolder of that name")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -41,9 +43,14 @@ def resolve_model(model: str | None, revision: str | None = None) -> ModelChoice
     """The checkpoint `--model` names; with none, Pythia-70M when it can be had, else the small model that
     ships in weights/ (with a one-line note)."""
     if model is not None:
-        if revision is not None and Path(model).expanduser().is_dir():
-            raise ValueError(f"--revision picks a hub checkpoint; {model} is a local directory, which has one "
-                             f"revision: leave --revision out")
+        local = Path(model).expanduser()
+        if revision is not None and local.is_dir():
+            # A local copy of several training checkpoints holds one checkpoint folder per revision.
+            if not (local / revision / "config.json").is_file():
+                raise ValueError(f"--revision {revision}: {model} is a local directory without a checkpoint folder "
+                                 f"{revision}/ (a local model's revisions are its subfolders, "
+                                 f"{model}/{revision}/config.json); leave --revision out or add that folder")
+            return ModelChoice(resolve(local / revision), model, revision)
         return ModelChoice(resolve(model, revision), model, revision)
     try:
         return ModelChoice(resolve(DEFAULT_MODEL, revision), DEFAULT_MODEL, revision)
@@ -55,8 +62,24 @@ def resolve_model(model: str | None, revision: str | None = None) -> ModelChoice
         return ModelChoice(EMBEDDED_MODEL, f"weights/{EMBEDDED_MODEL.name}", None)
 
 
-def load_for_inference(directory: Path, dtype: str) -> Pythia:
-    return Pythia.from_pretrained(directory, dtype=DTYPES[dtype]).for_inference()
+def check_device(device: str) -> str:
+    """--device as torch names it: cpu, cuda or cuda:N of a CUDA device this machine has."""
+    import torch
+
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda") or not (device == "cuda" or device[5:].isdigit() and device[4] == ":"):
+        raise ValueError(f"--device {device!r}: give cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+    index = int(device[5:]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_for_inference(directory: Path, dtype: str, device: str = "cpu") -> Pythia:
+    return Pythia.from_pretrained(directory, dtype=DTYPES[dtype], device=check_device(device)).for_inference()
 
 
 def check_tokenizer(tokenizer, config: PythiaConfig):

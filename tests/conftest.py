@@ -260,3 +260,52 @@ def tiny_sweep(checkpoint: Path, tmp_path: Path, policies: str) -> Path:
     out = tmp_path / "out"
     assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(checkpoint), "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def scale_grid(tmp_path_factory, tiny_checkpoint) -> Path:
+    """A sweep over two local models of different shapes x two "revisions" (each model directory holds a
+    checkpoint folder per revision, as a local copy of training checkpoints), two books, PPL and recall:
+    returns the YAML's path."""
+    root = tmp_path_factory.mktemp("scale")
+    tokenizer = tiny_checkpoint / "tokenizer.json"
+    shapes = {"narrow": dict(hidden_size=32, num_hidden_layers=2), "deep": dict(hidden_size=64, num_hidden_layers=3)}
+    for name, shape in shapes.items():
+        for seed, revision in enumerate(("step1", "step2")):
+            write_published_checkpoint(hf_reference(seed=seed, **shape), root / name / revision, tokenizer)
+    books = root / "books"
+    books.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while seven old men read long books by the sea".split()
+    for i, book in enumerate(("alpha", "beta")):
+        g = torch.Generator().manual_seed(i)
+        (books / f"{book}.txt").write_text(" ".join(words[j] for j in torch.randint(len(words), (300,), generator=g)))
+    (root / "scale.yaml").write_text(f"""\
+model: [{root / 'narrow'}, {root / 'deep'}]
+revision: [step1, step2]
+data: {books}
+ctx_len: 64
+stride: 16
+max_tokens: 160
+batch_size: 2
+tasks: [ppl, {{recall: {{contexts: [96], depths: [0.5], trials: 2, passage_tokens: 16, cue_tokens: 4}}}}]
+policies:
+  - {{compressor: none}}
+  - {{compressor: snapkv, window_size: 4, max_capacity_prompt: [16, 24]}}
+  - {{compressor: knorm, compression_ratio: 0.5}}
+""")
+    return root / "scale.yaml"
+
+
+def result_files(out: Path) -> dict[str, bytes]:
+    """Every result file of a results folder, by relative path: what a serial, a distributed and a resumed
+    run must leave identical. Left out: the run's logs and what is written from them (sweep.json's runs and
+    machine, units.jsonl, the reports and plots, which name run times)."""
+    files = {}
+    for path in sorted(out.rglob("*")):
+        name = path.relative_to(out).as_posix()
+        if path.is_file() and path.suffix in (".jsonl", ".json") and path.name not in ("units.jsonl", "sweep.json"):
+            files[name] = path.read_bytes()
+        elif path.name == "sweep.json":
+            summary = json.loads(path.read_text())
+            files[name] = json.dumps({k: v for k, v in summary.items() if k not in ("runs", "machine")}).encode()
+    return files

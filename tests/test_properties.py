@@ -57,7 +57,7 @@ def test_any_settings_build_a_compressor_or_raise_a_clear_error(name, data):
 
 
 TOP = ["model", "revision", "dtype", "data", "books", "tokenizer", "ctx_len", "stride", "max_tokens", "mode",
-       "decode_interval", "ppl", "batch_size", "speed", "policies", "bogus"]
+       "decode_interval", "ppl", "batch_size", "batch_windows", "speed", "policies", "bogus"]
 
 
 @settings(max_examples=300, deadline=None)

@@ -17,8 +17,8 @@ import statistics
 import torch
 
 from eval.data import random_prompt
-from minipythia import Pythia, SnapKV
-from minipythia.cli import add_model_args, resolve_model
+from minipythia import SnapKV
+from minipythia.cli import add_model_args, load_for_inference, resolve_model
 from minipythia.compressors.adakv import AdaKV
 from minipythia.timing import clock
 
@@ -26,7 +26,7 @@ from minipythia.timing import clock
 @torch.inference_mode()
 def median_step(model, compressor, prompt: torch.Tensor, steps: int) -> float:
     cache = model.new_cache(compressor=compressor)
-    token = model(prompt[None], cache=cache, last_only=True)[:, -1:].argmax(-1)
+    token = model(prompt[None].to(model.embed_in.weight.device), cache=cache, last_only=True)[:, -1:].argmax(-1)
     device = model.embed_in.weight.device
     times = []
     for _ in range(steps):
@@ -44,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    model = Pythia.from_pretrained(resolve_model(args.model, args.revision).directory).for_inference()
+    model = load_for_inference(resolve_model(args.model, args.revision).directory, args.dtype, args.device)
     prompt = random_prompt(args.prompt_len, model.config.vocab_size)
     ratios, ragged_ms, uniform_ms = [], [], []
     for _ in range(args.rounds):

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     compressor.for_model(config)
     tokenizer = Tokenizer.from_pretrained(choice.directory)
     check_tokenizer(tokenizer, config)
-    model = load_for_inference(choice.directory, args.dtype)
+    model = load_for_inference(choice.directory, args.dtype, args.device)
     warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
 
     prompt_ids = tokenizer.encode(text)

@@ -1,0 +1,144 @@
+"""Sweeps over models and training checkpoints: `model:` and `revision:` lists in a sweep's YAML.
+
+Every (model, revision) pair is a member: a sweep of its own, in its own folder, OUT/<model>/<revision>/
+(a complete results folder: sweep.json, a folder per configuration, report.md), resumable as any sweep.
+OUT/scale.json lists the members; OUT/report.md sets them side by side: each configuration's PPL change vs
+full KV and its `retained` per task, per member, and plotted against model size (parameters) and against
+training step (the number in a revision such as step143000; the hub's main branch of Pythia is its last
+checkpoint, step 143000, and is drawn at the end).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from . import plots
+from .grid import ConfigError, folder_name
+from .markdown import table
+from .report import complete_ppl, load_sweep
+from .results import read_json, write_json, write_text
+from .tasks.report import ppl_retained, retained_of, task_names
+
+MAIN = "main"  # the folder of the default revision
+
+
+def model_folder(model: str | None) -> str:
+    """A local directory by its name, a hub id by its repository name (EleutherAI/pythia-70m -> pythia-70m)."""
+    if model is None:
+        return "default"
+    return folder_name(Path(model).expanduser().name if Path(model).expanduser().is_dir() else model.split("/")[-1])
+
+
+def member_folders(members: list[tuple[str | None, str | None]]) -> dict[tuple, str]:
+    """(model, revision) -> its folder under OUT; two models of one folder name are a ConfigError."""
+    seen: dict[str, str | None] = {}
+    for model, _ in members:
+        name = model_folder(model)
+        if seen.setdefault(name, model) != model:
+            raise ConfigError(f"models {seen[name]!r} and {model!r} would share the results folder {name}/; "
+                              f"give one of them a directory of another name")
+    return {(m, r): f"{model_folder(m)}/{folder_name(r) if r else MAIN}" for m, r in members}
+
+
+def is_scale_folder(out: Path) -> bool:
+    return (out / "scale.json").is_file()
+
+
+def write_index(out: Path, spec_path: str, spec_text: str, folders: dict[tuple, str]):
+    """OUT/scale.json: the members, so that `python -m eval report OUT` finds them."""
+    write_json(out / "scale.json", dict(config_file=spec_path, config_text=spec_text, members=[
+        dict(model=m, revision=r, folder=f) for (m, r), f in folders.items()]))
+
+
+def step_of(revision: str | None) -> int | None:
+    """The training step a Pythia revision names (step1000 -> 1000; the main branch is the last, 143000)."""
+    if revision is None or revision == MAIN:
+        return 143000
+    match = re.fullmatch(r"step(\d+)", revision)
+    return int(match.group(1)) if match else None
+
+
+def member_metrics(folder: Path) -> tuple[dict, dict[str, dict[str, float | None]]]:
+    """A member's facts (model, revision, parameters, finished) and label -> {metric: value}: 'PPL vs none'
+    (relative change, over the books every config finished), 'retained: ppl' and 'retained: <task>'."""
+    sweep = read_json(folder / "sweep.json")
+    results = load_sweep(folder)
+    ppl = complete_ppl(results.ppl)
+    metrics: dict[str, dict[str, float | None]] = {}
+    for c in results.configs:
+        label = c["label"]
+        mine = {}
+        if label in ppl and "none" in ppl:
+            mine["PPL vs none"] = ppl[label] / ppl["none"] - 1
+        records = [r for r in results.ppl if r["label"] == label]
+        if any("nll_short_sum" in r for r in records):
+            mine["retained: ppl"] = ppl_retained(records)
+        for task in task_names(results.tasks):
+            mine[f"retained: {task}"] = retained_of([r for r in results.tasks if r["label"] == label
+                                                     and r["task"] == task])
+        metrics[label] = mine
+    facts = dict(model=sweep["model"], revision=sweep.get("revision"), parameters=sweep.get("parameters"),
+                 unfinished=any("Unfinished" in s for s in results.sections))
+    return facts, metrics
+
+
+def write_scale_report(out: Path) -> Path:
+    """OUT/report.md and OUT/plots/scale_*.png from the members' folders."""
+    index = read_json(out / "scale.json")
+    members = []
+    for m in index["members"]:
+        if (out / m["folder"] / "sweep.json").is_file():
+            facts, metrics = member_metrics(out / m["folder"])
+            members.append(dict(m, **facts, metrics=metrics, name=_member_name(m["model"], m["revision"])))
+    lines = ["# KV-cache compression across models and training checkpoints", "",
+             f"- {len(index['members'])} member(s) from `{index['config_file']}`, each a sweep in its own folder "
+             f"(its report.md has the details)", ""]
+    lines += [table(["model", "revision", "parameters", "folder", "state"],
+                    [[m["model"], m["revision"] or MAIN, f"{m['parameters'] / 1e6:.2f}M" if m["parameters"] else "",
+                      f"[{m['folder']}]({m['folder']}/report.md)", "unfinished" if m["unfinished"] else "complete"]
+                     for m in members]), ""]
+    labels = list(dict.fromkeys(label for m in members for label in m["metrics"]))
+    names = list(dict.fromkeys(k for m in members for v in m["metrics"].values() for k in v))
+    for metric in names:
+        fmt = (lambda x: f"{100 * x:+.2f}%") if metric == "PPL vs none" else (lambda x: f"{x:.3f}")
+        lines += [f"## {metric}", "", table(["config"] + [m["name"] for m in members], [
+            [label] + [_cell(m["metrics"].get(label, {}).get(metric), fmt) for m in members] for label in labels]), ""]
+        lines += _plots(out, metric, members, [label for label in labels if label != "none"])
+    path = out / "report.md"
+    write_text(path, "\n".join(lines))
+    return path
+
+
+def _member_name(model: str | None, revision: str | None) -> str:
+    return f"{model_folder(model)}@{revision or MAIN}"
+
+
+def _cell(value, fmt) -> str:
+    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else fmt(value)
+
+
+def _plots(out: Path, metric: str, members: list[dict], labels: list[str]) -> list[str]:
+    """The metric vs model size (one panel per revision) and vs training step (one panel per model), a line
+    per configuration; only where the axis has at least two points."""
+    lines = []
+    slug = folder_name(metric.replace(": ", "_").replace(" ", "_"))
+    for axis, key, panel_key, x_label in (("size", "parameters", "revision", "parameters"),
+                                          ("step", "step", "model", "training step")):
+        panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        for m in members:
+            x = m["parameters"] if axis == "size" else step_of(m["revision"])
+            if x is None:
+                continue
+            panel = str(m[panel_key] or MAIN) if axis == "size" else model_folder(m["model"])
+            for label in labels:
+                y = m["metrics"].get(label, {}).get(metric)
+                if y is not None:
+                    panels.setdefault(panel, {}).setdefault(label, []).append((x, y))
+        panels = {p: lines_ for p, lines_ in panels.items() if any(len({x for x, _ in v}) > 1 for v in lines_.values())}
+        if panels:
+            path = plots.quality_vs_scale(panels, metric, x_label, axis == "size",
+                                          out / "plots" / f"scale_{axis}_{slug}.png")
+            lines += [f"![{metric} vs {x_label}](plots/{path.name})", ""]
+    return lines
