@@ -88,6 +88,8 @@ def build_parser(argv) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["window", "stream"], default="window",
                    help="window: sliding windows, each prompt compressed once (default); stream: token by token, "
                         "compressing during decoding every --decode-interval, restarting every --ctx-len tokens")
+    p.add_argument("--batch-windows", type=int, default=1, metavar="N",
+                   help="windows scored N at a time, one batch row each (the same NLLs; for GPUs)")
     add_compressor_args(p, argv, decode_interval=True)
     p.add_argument("--out", required=True, help="results directory (reruns skip the entries already there)")
 
@@ -204,7 +206,13 @@ def one_policy(compressor) -> Policy:
     return Policy(compressor.name, {k: [v] for k, v in compressor.settings().items()}, 0)
 
 
+def check_batch_windows(n: int | None):
+    if n is not None and n < 1:
+        raise ValueError(f"--batch-windows must be >= 1 (windows scored together), got {n}")
+
+
 def cmd_sweep(args, command: str):
+    check_batch_windows(args.batch_windows)
     spec = load_spec(args.config)  # a bad config fails here, before the model loads
     for key in ("dtype", "data", "books", "tokenizer", "batch_windows"):
         if getattr(args, key) is not None:
@@ -213,14 +221,14 @@ def cmd_sweep(args, command: str):
         spec.models, spec.model = args.model, args.model[0]
     if args.revision is not None:
         spec.revisions, spec.revision = args.revision, args.revision[0]
-    if spec.batch_windows < 1:
-        raise ValueError(f"--batch-windows must be >= 1, got {spec.batch_windows}")
     spec.device = args.device
+    check_spec(spec)  # what the overrides changed (batch_windows with mode: stream)
     run_spec(spec, Path(args.out) if args.out else Path("results") / spec.path.stem, command, args.ray, args.workers)
 
 
 def cmd_ppl(args, command: str):
     check_window_args(args.ctx_len, args.stride)
+    check_batch_windows(args.batch_windows)
     check_max_tokens(args.max_tokens)
     compressor = compressor_from_args(args)
     check_stream_args(args.mode, args.stride, compressor, args.decode_interval)
@@ -228,7 +236,8 @@ def cmd_ppl(args, command: str):
                      revision=args.revision, dtype=args.dtype, data=args.data, books=args.books,
                      tokenizer=args.tokenizer, ctx_len=args.ctx_len, stride=args.stride, max_tokens=args.max_tokens,
                      mode=args.mode, decode_interval=args.decode_interval if args.mode == "stream" else None,
-                     batch_size=1, policy_modules=args.policy_module, device=args.device)
+                     batch_size=1, batch_windows=args.batch_windows, policy_modules=args.policy_module,
+                     device=args.device)
     spec.text = spec_yaml(spec)
     check_spec(spec)
     out = run_spec(spec, Path(args.out), command).parent

@@ -204,6 +204,9 @@ def check_spec(spec: SweepSpec):
                           f"forward, nothing is decoded)")
     if spec.mode == "stream" and (spec.stride is not None or spec.decode_interval is None):
         raise ConfigError(f"{where}: mode: stream takes decode_interval (e.g. 64) and no stride")
+    if spec.mode == "stream" and spec.batch_windows > 1:
+        raise ConfigError(f"{where}: batch_windows batches sliding windows (mode: window); a stream is one token at "
+                          f"a time: leave batch_windows out")
     if not spec.ppl and not spec.speed and not spec.tasks:
         raise ConfigError(f"{where}: without ppl, tasks or a speed part there is nothing to do")
     if spec.tasks and spec.mode != "window":

@@ -135,3 +135,24 @@ def test_bad_batch_windows_is_a_one_line_value_error(tiny, ids, bad):
     with pytest.raises(ValueError, match="batch_windows must be an integer >= 1") as error:
         sliding_window_scores(tiny, ids, CTX_LEN, STRIDE, [None], batch_windows=bad)
     assert "\n" not in str(error.value)
+
+
+def test_a_sweep_with_batched_windows_writes_the_unbatched_files(scale_grid, tmp_path, capsys):
+    from conftest import result_files
+    from eval.__main__ import main
+    from minipythia.cli import run_cli
+
+    one_member = scale_grid.read_text().replace("revision: [step1, step2]", "revision: step1").replace(
+        f"model: [{scale_grid.parent / 'narrow'}, {scale_grid.parent / 'deep'}]", f"model: {scale_grid.parent / 'deep'}")
+    (tmp_path / "s.yaml").write_text(one_member)
+    for n in (1, 4):
+        assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--batch-windows", str(n),
+                              "--out", str(tmp_path / f"bw{n}")]) == 0
+    files = result_files(tmp_path / "bw1")
+    assert any(name.endswith("ppl.jsonl") for name in files) and files == result_files(tmp_path / "bw4")
+    (tmp_path / "stream.yaml").write_text(one_member.replace("stride: 16", "mode: stream\ndecode_interval: 8")
+                                          .replace("tasks: [ppl, {recall: {contexts: [96], depths: [0.5], trials: 2, "
+                                                   "passage_tokens: 16, cue_tokens: 4}}]", "tasks: [ppl]"))
+    assert run_cli(main, ["sweep", str(tmp_path / "stream.yaml"), "--batch-windows", "4",
+                          "--out", str(tmp_path / "stream")]) == 2
+    assert "batch_windows batches sliding windows" in capsys.readouterr().err
