@@ -1,6 +1,7 @@
 """The eval package: sliding-window PPL with compressed KV caches, speed and memory, sweeps and reports.
 
     python -m eval sweep eval/configs/compact.yaml --out results/eval   (what `make eval` runs)
+    python -m eval sweep CONFIG.yaml --ray --workers 2 [--batch-windows 8] [--device cuda]   (docs/scale.md)
     python -m eval ppl --model DIR --data DIR --out results/ppl [--compressor snapkv ...]
     python -m eval task recall --model DIR [--data DIR] [--set trials=4] --out results/recall [--compressor ...]
     python -m eval speed --model DIR --prompt-lens 512,1024,2048 --new-tokens 64 --compressor snapkv --out results/speed

@@ -1,7 +1,8 @@
 """python -m eval {sweep, ppl, task, speed, report, bench}: the command-line front of the eval package.
 
-`sweep` runs a YAML grid; `ppl`, `task` and `speed` are the same engine with a grid of one compressor written
-from flags, and write the same folder layout (OUT/sweep.json, OUT/<label>/...), which `report` reads.
+`sweep` runs a YAML grid (over models and revisions too: eval.scale; on Ray with --ray: eval.executors);
+`ppl`, `task` and `speed` are the same engine with a grid of one compressor written from flags, and write the
+same folder layout (OUT/sweep.json, OUT/<label>/...), which `report` reads.
 """
 
 from __future__ import annotations

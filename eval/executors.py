@@ -61,32 +61,55 @@ class RayCluster:
         self.ray = None
 
     def __enter__(self) -> "RayCluster":
+        # Set for Ray and the processes it starts, and put back as they were when the session ends.
+        self.saved_env = {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.address is None:
             os.environ.update(LOCAL_RAY_ENV)  # before Ray is imported: it reads them then
         try:
             import ray
         except ImportError:
+            self._restore_env()
             raise ValueError("--ray needs Ray: pip install 'minipythia[ray]'") from None
         self.ray = ray
         if self.address is None:
             # Ray reads the variable once, when it is first imported: set what it read, had it been imported before.
             from ray._private import ray_constants
 
+            self.saved_constant = ray_constants.ENABLE_RAY_CLUSTER
             ray_constants.ENABLE_RAY_CLUSTER = False
             ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
-            if self.node_address() != LOOPBACK:  # never a cluster reachable from the network by accident
+            bound = self.node_address()
+            if bound != LOOPBACK:  # never a cluster reachable from the network by accident
                 ray.shutdown()
-                raise RuntimeError(f"the local Ray cluster bound {self.node_address()}, not {LOOPBACK}; it was "
-                                   f"stopped (this Ray version may not honour RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
+                self._restore_env()
+                raise RuntimeError(f"the local Ray cluster bound {bound}, not {LOOPBACK}; it was stopped (this Ray "
+                                   f"version may not honour RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)")
         else:
-            ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            try:
+                ray.init(address=self.address, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError) as e:
+                self._restore_env()
+                raise ValueError(f"--ray {self.address}: cannot join that Ray cluster ({str(e).splitlines()[0]}); "
+                                 f"start one with `ray start --head` or give its address (HEAD:6379)") from None
         self.remote = ray.remote(max_retries=UNIT_RETRIES)(_run_on_worker)
         return self
 
     def __exit__(self, *exc):
         self.ray.shutdown()  # a local cluster stops with it; from a remote one the driver disconnects
+        self._restore_env()
+
+    def _restore_env(self):
+        if getattr(self, "saved_constant", None) is not None:
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = self.saved_constant
+        for k, v in self.saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
     def node_address(self) -> str:
         return self.ray.util.get_node_ip_address()

@@ -4,8 +4,8 @@ Every (model, revision) pair is a member: a sweep of its own, in its own folder,
 (a complete results folder: sweep.json, a folder per configuration, report.md), resumable as any sweep.
 OUT/scale.json lists the members; OUT/report.md sets them side by side: each configuration's PPL change vs
 full KV and its `retained` per task, per member, and plotted against model size (parameters) and against
-training step (the number in a revision such as step143000; the hub's main branch of Pythia is its last
-checkpoint, step 143000, and is drawn at the end).
+training step (the number in a revision such as step143000; a member without one, as the default branch, is
+left off that axis).
 """
 
 from __future__ import annotations
@@ -53,10 +53,9 @@ def write_index(out: Path, spec_path: str, spec_text: str, folders: dict[tuple, 
 
 
 def step_of(revision: str | None) -> int | None:
-    """The training step a Pythia revision names (step1000 -> 1000; the main branch is the last, 143000)."""
-    if revision is None or revision == MAIN:
-        return 143000
-    match = re.fullmatch(r"step(\d+)", revision)
+    """The training step a revision names (step1000 -> 1000); None for another name or the default branch
+    (Pythia's main is step143000, but a local model's default is anything: give step143000 to place it)."""
+    match = re.fullmatch(r"step(\d+)", revision or "")
     return int(match.group(1)) if match else None
 
 

@@ -3,6 +3,7 @@ and every Ray process gone when the sweep ends, on an error or Ctrl-C too."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import psutil
@@ -63,7 +64,8 @@ def test_a_local_two_worker_cluster_gives_the_serial_files_byte_for_byte(serial_
     assert '"threads": 1' in log and f'"pid": {psutil.Process().pid},' not in log
 
 
-def test_the_local_cluster_is_on_loopback_and_gone_afterwards():
+def test_the_local_cluster_is_on_loopback_and_gone_afterwards(monkeypatch):
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     with RayCluster(None, 2) as cluster:
         assert cluster.node_address() == "127.0.0.1"
         assert cluster.ray.cluster_resources()["CPU"] == 2
@@ -71,6 +73,7 @@ def test_the_local_cluster_is_on_loopback_and_gone_afterwards():
     import ray
 
     assert not ray.is_initialized() and not ray_processes()
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ  # the environment is as it was
 
 
 BROKEN_POLICY = """
