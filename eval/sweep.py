@@ -13,8 +13,8 @@ Identical tokens: every configuration scores the same books, truncation and wind
 scored `batch_size` at a time over one prefill per window (eval.ppl), whose per-token NLLs equal separate runs'.
 A batch holds one window's prefill (K, V and queries) and one replayed cache at a time whatever its size:
 the batch bounds how long a configuration waits for its folder to be complete, and costs one prefill per
-window and batch. The work is planned as units (eval.units: a batch's PPL on one book, its examples of one
-task), run here one after the other or on a Ray cluster (eval.executors); their records are appended in the
+window and batch. The work is planned as units (eval.units: a batch's PPL on one book, its scores on one task
+example), run here one after the other or on a Ray cluster (eval.executors); their records are appended in the
 plan's order either way, so the files are the same. Speed is measured here, after the units, one batch at a
 time. Results are appended as each unit finishes; a rerun skips the configurations whose folder is
 complete and the (book, config) pairs and examples already scored, and refuses an OUT written with other
@@ -195,30 +195,25 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
 def plan_units(batches: list[list[Compressor]], books: list, tasks: dict, folders: dict[str, Path], base: dict,
                meta: dict) -> list[Unit]:
     """The work still to do, as units: per configuration batch, its PPL on each book the batch has not
-    all scored, then each task's examples some of the batch lack (with the labels that lack each)."""
+    all scored, then each task example some of the batch lack (with the labels that lack it)."""
     units = []
     for b, batch in enumerate(batches):
+        scored = {c.label: {record_key(r) for r in read_jsonl(folders[c.label] / "ppl.jsonl", PPL_RECORD_KEYS)}
+                  for c in batch} if books else {}
         for name, source, ids in books:
-            todo = [c for c in batch if record_key(dict(base, book=name, label=c.label)) not in ppl_keys(folders, c)]
+            todo = [c for c in batch if record_key(dict(base, book=name, label=c.label)) not in scored[c.label]]
             if todo:
                 units.append(Unit(len(units), b, todo, book=(name, source, ids)))
         for task, examples in tasks.values():
             done = {c.label: {task_record_key(r) for r in read_jsonl(folders[c.label] / f"{task.name}.jsonl",
                                                                      TASK_RECORD_KEYS)} for c in batch}
-            todo = []
-            for example in examples:
+            for example in examples:  # a unit each, so that an interrupted run keeps every example it scored
                 labels = [c.label for c in batch if task_record_key(dict(
                     meta, task=task.name, label=c.label, example=example.key)) not in done[c.label]]
                 if labels:
-                    todo.append((example, labels))
-            if todo:
-                units.append(Unit(len(units), b, [c for c in batch if any(c.label in ls for _, ls in todo)],
-                                  task=task, examples=todo))
+                    units.append(Unit(len(units), b, [c for c in batch if c.label in labels], task=task,
+                                      examples=[(example, labels)]))
     return units
-
-
-def ppl_keys(folders: dict[str, Path], c: Compressor) -> set:
-    return {record_key(r) for r in read_jsonl(folders[c.label] / "ppl.jsonl", PPL_RECORD_KEYS)}
 
 
 def prepare_out(out: Path):

@@ -1,7 +1,7 @@
 """The units a sweep is split into, and how one is run: what a serial run does in turn and a Ray cluster does
 in parallel (eval.distributed), so that both give the same records.
 
-A unit is one configuration batch's work on one book (its PPL) or on one task's examples. It holds
+A unit is one configuration batch's work on one book (its PPL) or on one task example. It holds
 everything it needs but the model: the configurations, the book's tokens or the examples (built once by the
 driver), and the settings of the windows. Running it returns records; it writes nothing. The driver writes
 each unit's records into the configurations' folders in the order the units were planned, whatever order they
@@ -50,7 +50,8 @@ class Unit:
 
     @property
     def name(self) -> str:
-        what = f"ppl {self.book[0]}" if self.book else f"{self.task.name} ({len(self.examples)} examples)"
+        what = f"ppl {self.book[0]}" if self.book else f"{self.task.name} {self.examples[0][0].key}" + (
+            f" and {len(self.examples) - 1} more" if len(self.examples) > 1 else "")
         return f"batch {self.batch}: {what}, {len(self.configs)} config(s)"
 
 
