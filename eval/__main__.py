@@ -31,9 +31,9 @@ from .report import load_sweep, ppl_tables, speed_table, task_table, write_repor
 from .speed import check_speed_args
 from .tasks import TASKS, build_task
 from .results import locked, read_json
-from .scale import is_scale_folder, member_folders, model_folder, write_index, write_scale_report
+from .scale import is_scale_folder, member_folders, write_index, write_scale_report
 from .stream import check_stream_args
-from .sweep import prepare_out, run_sweep
+from .sweep import plan_sweep, prepare_out, run_sweep
 
 LOCAL = "local"  # --ray without an address
 HOW_TO_ADD_PPL = ("No PPL: {reason}. To add it, rerun with --data DIR (a directory of .txt books, e.g. "
@@ -157,21 +157,50 @@ def run_spec(spec: SweepSpec, out: Path, command: str, ray: str | None = None, w
             raise ConfigError(f"{out} holds a sweep over models or revisions; give another --out")
         with RayCluster(None if ray == LOCAL else ray, workers) if ray else contextlib.nullcontext() as cluster:
             if not folders:
-                return _run_spec(spec, out, command, cluster)
+                return run_one(spec, out, command, cluster)
             write_index(out, str(spec.path), spec.text, folders)
-            for (model, revision), folder in folders.items():
-                print(f"== {model_folder(model)} @ {revision or 'main'} -> {out / folder}", file=sys.stderr)
-                member = dataclasses.replace(spec, model=model, revision=revision, models=[model],
-                                             revisions=[revision])
-                prepare_out(out / folder)
-                with locked(out / folder):
-                    _run_spec(member, out / folder, command, cluster)
+            members = [(dataclasses.replace(spec, model=model, revision=revision, models=[model],
+                                            revisions=[revision]), out / folder)
+                       for (model, revision), folder in folders.items()]
+            if cluster is None:  # one member after the other, each model loaded once
+                for member, folder in members:
+                    print(f"== {member.model} @ {member.revision or 'main'} -> {folder}", file=sys.stderr)
+                    run_one(member, folder, command)
+            else:
+                run_members_on(cluster, members, command)
         path = write_scale_report(out)
         print(f"report over models and revisions: {path}")
         return path
 
 
-def _run_spec(spec: SweepSpec, out: Path, command: str, cluster=None) -> Path:
+def run_one(spec: SweepSpec, out: Path, command: str, cluster: RayCluster | None = None) -> Path:
+    spec, books, model, tokenizer, directory, ppl_skipped = load_spec_inputs(spec)
+    return run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped, cluster)
+
+
+def run_members_on(cluster: RayCluster, members: list[tuple[SweepSpec, Path]], command: str):
+    """Every member's units on the cluster at once, so that the sizes and checkpoints of a grid run side by side:
+    each member is planned here in turn (its model loaded, then let go), then they all run, then each is
+    finished (its speed part with its model loaded again, its report)."""
+    with contextlib.ExitStack() as folders_locked:
+        planned = []
+        for member, folder in members:
+            print(f"== planning {member.model} @ {member.revision or 'main'} -> {folder}", file=sys.stderr)
+            prepare_out(folder)
+            folders_locked.enter_context(locked(folder))
+            spec, books, model, tokenizer, directory, ppl_skipped = load_spec_inputs(member)
+            planned.append((spec, plan_sweep(spec, books, model, tokenizer, directory, folder, command,
+                                             ppl_skipped)))
+            del model  # the workers load their own: the driver holds one model at a time
+        cluster.run([p.job for _, p in planned])
+        for spec, p in planned:
+            p.finish(load_for_inference(Path(p.job.source.directory), spec.dtype, spec.device) if spec.speed
+                     else None)
+
+
+def load_spec_inputs(spec: SweepSpec) -> tuple:
+    """What a spec names, loaded (books, model, tokenizer), and what depends on the model filled in:
+    (spec, books, model, tokenizer, checkpoint directory, why PPL is skipped or None)."""
     ppl_skipped = None
     try:
         books = load_books(spec.data, spec.books) if spec.data else []
@@ -200,7 +229,7 @@ def _run_spec(spec: SweepSpec, out: Path, command: str, cluster=None) -> Path:
         warn_positions(model, spec.ctx_len, "ctx_len")
     if spec.speed:
         warn_positions(model, max(spec.speed.prompt_lengths), "speed prompt length")
-    return run_sweep(spec, books, model, tokenizer, choice.directory, out, command, ppl_skipped, cluster)
+    return spec, books, model, tokenizer, choice.directory, ppl_skipped
 
 
 def one_policy(compressor) -> Policy:

@@ -42,6 +42,16 @@ class ModelSource:
     device: str
 
 
+@dataclass
+class Job:
+    """One sweep's units, what runs them (the model's source, the windows, meta) and where results go."""
+    units: list[Unit]
+    source: ModelSource
+    windows: Windows
+    meta: dict
+    write: Callable[[Done], None]
+
+
 def run_serial(units: list[Unit], model, windows: Windows, meta: dict, write: Callable[[Done], None]):
     """Every unit in this process, in order, on the model already loaded."""
     for unit in tqdm(units, desc="units", unit="unit", file=sys.stderr, disable=len(units) < 2):
@@ -114,31 +124,35 @@ class RayCluster:
     def node_address(self) -> str:
         return self.ray.util.get_node_ip_address()
 
-    def run(self, units: list[Unit], source: ModelSource, windows: Windows, meta: dict,
-            write: Callable[[Done], None]):
-        """Every unit on the cluster; results written in plan order as soon as those before them are."""
+    def run(self, jobs: list[Job]):
+        """Every unit of every job (the sweeps of several models and revisions at once) on the cluster; each
+        job's results written in its plan's order, as soon as those before them are."""
         ray = self.ray
-        # Policies loaded from .py files (minipythia_policies.*) are not importable on a worker: they travel
-        # by value, with the units; policies of importable modules are imported there by name.
+        # Policies loaded from .py files are not importable on a worker: they travel by value, with the units;
+        # policies of importable modules are imported there by name.
         for name, module in list(sys.modules.items()):
             if name.startswith(FILE_POLICY_PACKAGE + "."):
                 ray.cloudpickle.register_pickle_by_value(module)
-        resources = dict(num_cpus=1, num_gpus=1) if source.device.startswith("cuda") else dict(num_cpus=1)
-        refs = [self.remote.options(**resources).remote(unit, source, windows, meta) for unit in units]
-        position = {ref: i for i, ref in enumerate(refs)}
-        finished: dict[int, Done] = {}
-        next_to_write = 0
-        pending = list(refs)
-        bar = tqdm(total=len(units), desc="units", unit="unit", file=sys.stderr)
+        position = {}  # ref -> (job, unit index)
+        for j, job in enumerate(jobs):
+            resources = dict(num_cpus=1, num_gpus=1) if job.source.device.startswith("cuda") else dict(num_cpus=1)
+            remote = self.remote.options(**resources)
+            for i, unit in enumerate(job.units):
+                position[remote.remote(unit, job.source, job.windows, job.meta)] = (j, i)
+        finished: dict[tuple[int, int], Done] = {}
+        next_to_write = [0] * len(jobs)
+        pending = list(position)
+        bar = tqdm(total=len(pending), desc="units", unit="unit", file=sys.stderr)
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 for ref in ready:
-                    finished[position[ref]] = _result(ray, ref, units[position[ref]])
+                    j, i = position[ref]
+                    finished[j, i] = _result(ray, ref, jobs[j].units[i])
                     bar.update(1)
-                while next_to_write in finished:
-                    write(finished.pop(next_to_write))
-                    next_to_write += 1
+                    while (j, next_to_write[j]) in finished:
+                        jobs[j].write(finished.pop((j, next_to_write[j])))
+                        next_to_write[j] += 1
         except BaseException:  # an error or Ctrl-C: what is still queued or running is not wanted any more
             for ref in pending:
                 ray.cancel(ref, force=True)

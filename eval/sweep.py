@@ -28,8 +28,9 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -39,14 +40,14 @@ from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
 from .grid import PPL, ConfigError, SweepSpec, expand, folder_name
-from .executors import ModelSource, RayCluster, run_serial
+from .executors import Job, ModelSource, RayCluster, run_serial
 from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key
 from .report import write_report
 from .results import append_jsonl, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
 from .tasks import TASK_RECORD_KEYS, TextSource, sample_text, task_complete
 from .tasks import record_key as task_record_key
-from .units import Unit, Windows
+from .units import Done, Unit, Windows
 
 # Settings a folder written before they existed does not record; a sweep that has them may still add to it.
 LATER_SETTINGS = ("tasks", "task_text", "device")
@@ -189,7 +190,36 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
     OUT is locked meanwhile: a second run into it is refused."""
     prepare_out(out)
     with locked(out):
-        return _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped, cluster)
+        planned = plan_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped)
+        if cluster is None:
+            run_serial(planned.units, model, planned.windows, planned.meta, planned.write)
+        else:
+            cluster.run([planned.job])
+        return planned.finish(model)
+
+
+@dataclass
+class PlannedSweep:
+    """A sweep whose folder is written (config.json files, sweep.json) and whose work is planned: its units
+    (`job`: what an executor needs to run them) and `finish(model)`, which measures the speed part with the
+    model, records the run and writes the report once the units are done."""
+    job: Job
+    finish: Callable[[object], Path]
+
+    @property
+    def units(self) -> list[Unit]:
+        return self.job.units
+
+    @property
+    def windows(self) -> Windows:
+        return self.job.windows
+
+    @property
+    def meta(self) -> dict:
+        return self.job.meta
+
+    def write(self, done: Done):
+        self.job.write(done)
 
 
 def plan_units(batches: list[list[Compressor]], books: list, tasks: dict, folders: dict[str, Path], base: dict,
@@ -229,7 +259,10 @@ def prepare_out(out: Path):
         raise ValueError(f"cannot write results into {out} ({e.strerror}); give a folder you can write to") from None
 
 
-def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped, cluster):
+def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: Path, out: Path, command: str,
+               ppl_skipped: str | None = None) -> PlannedSweep:
+    """Everything a sweep does before its units run (OUT locked by the caller); the model plans them (the KV
+    each configuration holds, the tasks' examples) and is needed again by finish() only for a speed part."""
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), clock(model.embed_in.weight.device)
     tokenized = tokenized_books(books, tokenizer, spec.max_tokens) if spec.ppl else []
     settings = sweep_settings(spec, tokenized)
@@ -322,26 +355,27 @@ def _run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipp
         append_jsonl(out / "units.jsonl", dict(done.log, run=run_id))
 
     run_id = time.strftime("%Y%m%d-%H%M%S")
-    if cluster is None:
-        run_serial(units, model, windows, meta, write)
-    else:
-        cluster.run(units, ModelSource(str(Path(directory).resolve()), spec.dtype, spec.device),
-                    windows, meta, write)
-    prompts = prompt_source = None
-    if lengths and pending:
-        prompts, prompt_source = speed_prompts(lengths, books, tokenizer, model.config.vocab_size)
-    for i, batch in enumerate(batches):  # here, on the driver: timings are of this machine, one run at a time
-        unmeasured = [c for c in batch if lengths and not complete_speed_rows(folders[c.label], lengths)]
-        if unmeasured:
-            measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=prompt_source),
-                          f"{run_id}-b{i}", folders, directory)
 
-    t_end = clock(model.embed_in.weight.device)
-    # How many examples each task has, so that the report can tell a configuration that has not scored them all.
-    summary["task_examples"] = {**previous.get("task_examples", {}), **{k: len(v) for k, v in examples.items()}}
-    summary["runs"] = summary["runs"] + [dict(command=command, started=started, wall_seconds=round(t_end - t0, 1),
-                                              configs_run=len(pending))]
-    write_json(summary_path, summary)
-    path = write_report(out)
-    print(f"report: {path} (wall time {t_end - t0:.0f} s)")
-    return path
+    def finish(model) -> Path:
+        prompts = prompt_source = None
+        if lengths and pending:
+            prompts, prompt_source = speed_prompts(lengths, books, tokenizer, model.config.vocab_size)
+        for i, batch in enumerate(batches):  # here, on the driver: timings are of this machine, one run at a time
+            unmeasured = [c for c in batch if lengths and not complete_speed_rows(folders[c.label], lengths)]
+            if unmeasured:
+                measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=prompt_source),
+                              f"{run_id}-b{i}", folders, directory)
+        t_end = clock(device)
+        # How many examples each task has, so that the report can tell a configuration that has not scored them all.
+        summary["task_examples"] = {**previous.get("task_examples", {}), **{k: len(v) for k, v in examples.items()}}
+        summary["runs"] = summary["runs"] + [dict(command=command, started=started, wall_seconds=round(t_end - t0, 1),
+                                                  configs_run=len(pending))]
+        write_json(summary_path, summary)
+        path = write_report(out)
+        print(f"report: {path} (wall time {t_end - t0:.0f} s)")
+        return path
+
+    device = model.embed_in.weight.device
+    source = ModelSource(str(Path(directory).resolve()), spec.dtype, spec.device)
+    model = None  # what the closures above share: the plan holds no model (finish is given one), so it can go
+    return PlannedSweep(Job(units, source, windows, meta, write), finish)
