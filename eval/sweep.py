@@ -47,7 +47,7 @@ from .results import append_jsonl, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
 from .tasks import TASK_RECORD_KEYS, TextSource, sample_text, task_complete
 from .tasks import record_key as task_record_key
-from .units import Done, Unit, Windows
+from .units import Unit, Windows
 
 # Settings a folder written before they existed does not record; a sweep that has them may still add to it.
 LATER_SETTINGS = ("tasks", "task_text", "device")
@@ -191,8 +191,9 @@ def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: P
     prepare_out(out)
     with locked(out):
         planned = plan_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped)
+        job = planned.job
         if cluster is None:
-            run_serial(planned.units, model, planned.windows, planned.meta, planned.write)
+            run_serial(job.units, model, job.windows, job.meta, job.write)
         else:
             cluster.run([planned.job])
         return planned.finish(model)
@@ -205,21 +206,6 @@ class PlannedSweep:
     model, records the run and writes the report once the units are done."""
     job: Job
     finish: Callable[[object], Path]
-
-    @property
-    def units(self) -> list[Unit]:
-        return self.job.units
-
-    @property
-    def windows(self) -> Windows:
-        return self.job.windows
-
-    @property
-    def meta(self) -> dict:
-        return self.job.meta
-
-    def write(self, done: Done):
-        self.job.write(done)
 
 
 def plan_units(batches: list[list[Compressor]], books: list, tasks: dict, folders: dict[str, Path], base: dict,
