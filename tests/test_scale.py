@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import result_files
 from eval.__main__ import main
@@ -116,3 +117,11 @@ def test_report_regenerates_every_member(scale_out, tmp_path):
     (out / "deep" / "step1" / "report.md").unlink()
     assert run_cli(main, ["report", str(out)]) == 0
     assert (out / "report.md").is_file() and (out / "deep" / "step1" / "report.md").is_file()
+
+
+@pytest.mark.parametrize("device,fragment", [("tpu", "give cpu, cuda or cuda:N"), ("cuda:x", "give cpu, cuda or cuda:N")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "has no CUDA device")]))
+def test_a_device_the_machine_lacks_is_a_one_line_error(scale_grid, tmp_path, capsys, device, fragment):
+    assert run_cli(main, ["sweep", str(scale_grid), "--device", device, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err and not (tmp_path / "out").exists()

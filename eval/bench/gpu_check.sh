@@ -20,8 +20,10 @@ if [ -z "${DATA:-}" ]; then
   for f in README.md docs/*.md; do cp "$f" "$DATA/$(basename "$f" .md).txt"; done
 fi
 for BW in 1 16; do
-  /usr/bin/time -f "batch_windows $BW: %e s" $PY -m eval sweep eval/configs/compact.yaml --device cuda \
-      --batch-windows $BW --data $DATA --out "$OUT/sweep-bw$BW" 2>&1 | grep -v "it/s\|win/s\|unit/s\|example/s" | tail -3
+  START=$SECONDS
+  $PY -m eval sweep eval/configs/compact.yaml --device cuda --batch-windows $BW --data "$DATA" \
+      --out "$OUT/sweep-bw$BW" 2>&1 | grep -v "it/s\|win/s\|unit/s\|example/s" | tail -2
+  echo "compact sweep on CUDA, batch_windows $BW: $((SECONDS - START)) s"
 done
 $PY - "$OUT" <<'PY'
 import json, sys
