@@ -4,7 +4,8 @@
 #   2. the CUDA-only tests (tests/test_cuda.py: logits, batched windows, a sweep with tasks, CPU vs GPU);
 #   3. a batched sweep on the GPU (the compact grid's PPL, batch_windows 1 vs 16, same NLLs), timed;
 #   4. the benchmark there.
-# Run from the repository root with the project installed (make venv):  bash eval/bench/gpu_check.sh
+# Run from the repository root with the project installed and a CUDA build of torch (`make venv TORCH=torch`,
+# then PYTHON=.venv/bin/python):  bash eval/bench/gpu_check.sh
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${OUT:-results/gpu-check}
