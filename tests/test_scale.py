@@ -4,6 +4,7 @@ and the report across model sizes and training steps."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def test_the_report_sets_members_side_by_side(scale_out):
     assert (scale_out / "plots" / "scale_size_PPL_vs_none.png").stat().st_size > 0
     none_row = next(line for line in report.splitlines() if line.startswith("| none |"))
     assert none_row.count("+0.00%") == 4
+    # each cell is that member's PPL change, from its own records
+    label = "snapkv_w4_c16_k5_avgpool"
+    expected = []
+    for member in MEMBERS:
+        ppl = {}
+        for name in ("none", label):
+            records = [json.loads(x) for x in (scale_out / member / name / "ppl.jsonl").read_text().splitlines()]
+            ppl[name] = math.exp(sum(r["nll_sum"] for r in records) / sum(r["tokens"] for r in records))
+        expected.append(f"{100 * (ppl[label] / ppl['none'] - 1):+.2f}%")
+    section = report.split("## PPL vs none")[1]
+    assert f"| {label} | {' | '.join(expected)} |" in section
 
 
 def test_a_rerun_resumes_and_adds_nothing(scale_out, scale_grid, tmp_path):
