@@ -137,3 +137,16 @@ def test_a_device_the_machine_lacks_is_a_one_line_error(scale_grid, tmp_path, ca
     assert run_cli(main, ["sweep", str(scale_grid), "--device", device, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert fragment in err and "\n" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "eval" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_parses_and_expands_on_pythia_70m(path):
+    from eval.grid import expand, load_spec
+    from minipythia.config import config_for_size
+
+    spec = load_spec(path)
+    grid = expand(spec.policies, config_for_size("70m"))
+    assert grid.configs and len({c.label for c in grid.configs}) == len(grid.configs)
+    if path.name == "scale.yaml":
+        assert len(spec.members) == 12 and spec.batch_windows == 8
