@@ -10,7 +10,7 @@ a grid of policies, and its expansion into compressors.
     mode: window                    # window (default) | stream: token by token, compressing during decoding
     decode_interval: 64             # stream mode: entries a layer may hold above its budget before compressing
     tasks: [ppl, recall, needle, continuation]   # optional (default [ppl]); settings: {recall: {trials: 4}}
-    batch_windows: 8                # optional: PPL windows prefilled and scored 8 at a time (same NLLs as 1)
+    batch_windows: 8                # optional: PPL windows, and task examples of one shape, 8 at a time (same NLLs)
     speed: {prompt_lengths: [512, 1024, 2048], new_tokens: 32, repeats: 3, hf: false}   # optional
     policy_modules: [my_policy.py]  # optional: files (relative to this YAML) or modules that register policies
     policies:

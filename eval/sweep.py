@@ -45,7 +45,7 @@ from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key
 from .report import write_report
 from .results import append_jsonl, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
-from .tasks import TASK_RECORD_KEYS, TextSource, sample_text, task_complete
+from .tasks import TASK_RECORD_KEYS, TextSource, example_shape, sample_text, task_complete
 from .tasks import record_key as task_record_key
 from .units import Unit, Windows
 
@@ -209,7 +209,7 @@ class PlannedSweep:
 
 
 def plan_units(batches: list[list[Compressor]], books: list, tasks: dict, folders: dict[str, Path], base: dict,
-               meta: dict) -> list[Unit]:
+               meta: dict, batch_examples: int = 1) -> list[Unit]:
     """The work still to do, as units: per configuration batch, its PPL on each book the batch has not
     all scored, then each task example some of the batch lack (with the labels that lack it)."""
     units = []
@@ -223,12 +223,19 @@ def plan_units(batches: list[list[Compressor]], books: list, tasks: dict, folder
         for task, examples in tasks.values():
             done = {c.label: {task_record_key(r) for r in read_jsonl(folders[c.label] / f"{task.name}.jsonl",
                                                                      TASK_RECORD_KEYS)} for c in batch}
-            for example in examples:  # a unit each, so that an interrupted run keeps every example it scored
+            # A unit per example, so that an interrupted run keeps every example it scored; with batch_examples,
+            # runs of consecutive examples of one shape that the same configurations lack, scored as one batch.
+            run: list = []
+            for example in examples + [None]:
                 labels = [c.label for c in batch if task_record_key(dict(
-                    meta, task=task.name, label=c.label, example=example.key)) not in done[c.label]]
+                    meta, task=task.name, label=c.label, example=example.key)) not in done[c.label]] if example else []
+                if run and (len(run) == batch_examples or example is None or labels != run[0][1]
+                            or example_shape(example) != example_shape(run[0][0])):
+                    units.append(Unit(len(units), b, [c for c in batch if c.label in run[0][1]], task=task,
+                                      examples=run))
+                    run = []
                 if labels:
-                    units.append(Unit(len(units), b, [c for c in batch if c.label in labels], task=task,
-                                      examples=[(example, labels)]))
+                    run.append((example, labels))
     return units
 
 
@@ -330,7 +337,8 @@ def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: 
         examples_of(task)  # now: a task that cannot run on this model or text says so before any work
     batches = [pending[i : i + spec.batch_size] for i in range(0, len(pending), spec.batch_size)]
     units = plan_units(batches, tokenized if spec.ppl else [],
-                       {t.name: (t, examples_of(t)) for t in spec.tasks} if pending else {}, folders, base, meta)
+                       {t.name: (t, examples_of(t)) for t in spec.tasks} if pending else {}, folders, base, meta,
+                       spec.batch_windows)
     windows = Windows(base, spec.ctx_len, spec.stride if spec.mode == "window" else None, spec.mode,
                       spec.decode_interval, spec.short_context if spec.mode == "window" else None,
                       spec.batch_windows)

@@ -1,7 +1,8 @@
 """The units a sweep is split into, and how one is run: what a serial run does in turn and a Ray cluster does
 in parallel (eval.distributed), so that both give the same records.
 
-A unit is one configuration batch's work on one book (its PPL) or on one task example. It holds
+A unit is one configuration batch's work on one book (its PPL) or on one task example (or a batch of them
+of one shape, with batch_windows). It holds
 everything it needs but the model: the configurations, the book's tokens or the examples (built once by the
 driver), and the settings of the windows. Running it returns records; it writes nothing. The driver writes
 each unit's records into the configurations' folders in the order the units were planned, whatever order they
@@ -39,8 +40,8 @@ class Windows:
 
 @dataclass
 class Unit:
-    """One configuration batch's PPL on one book, or its scores on a task's examples (those still to do, each
-    with the labels of the configurations that lack it)."""
+    """One configuration batch's PPL on one book, or its scores on task examples still to do: one, or up to
+    batch_windows of one shape that the same configurations lack (scored as one batch), with their labels."""
     index: int  # its place in the plan: the driver writes results in this order
     batch: int  # which configuration batch
     configs: list[Compressor]
@@ -78,9 +79,8 @@ def run_unit(unit: Unit, model, windows: Windows, meta: dict) -> Done:
         seconds = {c.label: round(s, 3) for c, s in zip(unit.configs, secs)}
     else:
         by_label = {c.label: c for c in unit.configs}
-        for example, labels in unit.examples:
-            configs = [by_label[label] for label in labels]
-            rows = example_records(unit.task, model, example, configs, meta)
+        configs = [by_label[label] for label in unit.examples[0][1]]  # (the unit's examples share their labels)
+        for rows in example_records(unit.task, model, [e for e, _ in unit.examples], configs, meta):
             records += [(c.label, f"{unit.task.name}.jsonl", r) for c, r in zip(configs, rows)]
     log = dict(unit=unit.name, seconds=round(clock(device) - t0, 3), config_seconds=seconds or None,
                threads=torch.get_num_threads(), device=str(device), host=platform.node(), pid=os.getpid(),

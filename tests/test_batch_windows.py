@@ -156,3 +156,33 @@ def test_a_sweep_with_batched_windows_writes_the_unbatched_files(scale_grid, tmp
     assert run_cli(main, ["sweep", str(tmp_path / "stream.yaml"), "--batch-windows", "4",
                           "--out", str(tmp_path / "stream")]) == 2
     assert "batch_windows batches sliding windows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task_name,settings", [
+    ("recall", dict(contexts=[128], depths=[0.2, 0.6], trials=2, passage_tokens=24, cue_tokens=4)),
+    ("needle", dict(contexts=[128], depths=[0.3, 0.7], trials=1)),
+])
+def test_task_examples_of_one_shape_scored_as_a_batch_score_as_one_at_a_time(tiny_pg19, task_name, settings):
+    """Task.score_batch: a row per example, every record field equal to score()'s on the example alone, for
+    policies batched in one cache and for those replayed a row at a time (random, head-wise)."""
+    from eval.tasks import TextSource, build_task, example_shape, sample_text
+
+    model, tokenizer = tiny_pg19
+    text = TextSource(sample_text(model, 2, 512, seed=1), "sampled", tokenizer)
+    task = build_task(task_name, settings)
+    examples = task.examples(text, model)
+    groups = {}
+    for e in examples:
+        groups.setdefault(example_shape(e), []).append(e)
+    assert max(len(g) for g in groups.values()) > 1  # something is batched
+    configs = [build_compressor(name, SETTINGS[name]) for name in ("snapkv", "knorm", "random", "adakv", "kvzip")]
+    for group in groups.values():
+        assert task.score_batch(model, group, configs) == [task.score(model, e, configs) for e in group]
+
+
+@pytest.fixture(scope="module")
+def tiny_pg19():
+    from minipythia import Tokenizer
+    from minipythia.weights import EMBEDDED_MODEL
+
+    return Pythia.from_pretrained(EMBEDDED_MODEL).for_inference(), Tokenizer.from_pretrained(EMBEDDED_MODEL)

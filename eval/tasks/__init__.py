@@ -9,13 +9,13 @@ modules: eval.ppl scores books by sliding windows, and adds the same `retained` 
 import importlib
 import pkgutil
 
-from .base import (TASK_RECORD_KEYS, TASKS, Example, Task, TextSource, build_task, example_records, record_key,
-                   register_task, run_task, sample_text, task_complete)
+from .base import (TASK_RECORD_KEYS, TASKS, Example, Task, TextSource, build_task, example_records, example_shape,
+                   record_key, register_task, run_task, sample_text, task_complete)
 
 # Every module of this package registers its task on import: a new task is one new file. Alphabetical.
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in ("base", "report"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["TASK_RECORD_KEYS", "TASKS", "Example", "Task", "TextSource", "build_task", "example_records", "record_key",
-           "register_task", "run_task", "sample_text", "task_complete"]
+__all__ = ["TASK_RECORD_KEYS", "TASKS", "Example", "Task", "TextSource", "build_task", "example_records",
+           "example_shape", "record_key", "register_task", "run_task", "sample_text", "task_complete"]

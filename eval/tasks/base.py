@@ -134,27 +134,44 @@ class Task:
             raise ValueError(f"{self.name}: {what} needs {length} positions, more than the model's {limit} trained "
                              f"ones; give smaller context lengths")
 
-    @torch.inference_mode()
     def score(self, model, example: Example, configs: list[Compressor]) -> list[dict]:
         """The fields of each configuration's record on one example. This default scores the NLL of the
         scored targets through each compressed cache, with exact = every scored target is the greedy token
         (teacher forcing follows greedy decoding for as long as they agree, so this is greedy exact match)."""
+        return self._score_rows(model, [example], configs)[0]
+
+    def score_batch(self, model, examples: list[Example], configs: list[Compressor]) -> list[list[dict]]:
+        """score() of each example. Examples of one shape (prompt, control, targets, scored) are scored as one
+        batch, a row each, when the task scores with the default score(), with the figures of one at a time
+        (each row is its own prompt: eval.replay); a task with its own score() scores them one at a time."""
+        if type(self).score is not Task.score or len({example_shape(e) for e in examples}) > 1:
+            return [self.score(model, e, configs) for e in examples]
+        return self._score_rows(model, examples, configs)
+
+    @torch.inference_mode()
+    def _score_rows(self, model, examples: list[Example], configs: list[Compressor]) -> list[list[dict]]:
         device = model.embed_in.weight.device
-        targets = example.targets.view(1, -1).to(device)
+        n = examples[0].scored
+        targets = torch.stack([e.targets for e in examples]).to(device)  # (B, T): a row per example
+        scored = targets[:, -n:]
 
-        scored = targets[:, -example.scored:]
+        def measure(logits):  # (B, T, V) -> a (mean NLL, exact) per row
+            logits = logits[:, -n:]
+            return [(token_nll(logits[b : b + 1], scored[b : b + 1]).double().mean().item(),
+                     bool((logits[b].argmax(-1) == scored[b]).all())) for b in range(len(examples))]
 
-        def measure(logits):
-            logits = logits[:, -example.scored:]  # (1, scored, V): one example, one batch row
-            nll = token_nll(logits, scored)
-            return nll.double().mean().item(), bool((logits.argmax(-1) == scored).all())
+        control = Prefill.record(model, torch.stack([e.control for e in examples]).to(device))
+        controls = score_replays(model, control, [None], targets, measure)[0]
+        prefill = Prefill.record(model, torch.stack([e.prompt for e in examples]).to(device))
+        full, *results = score_replays(model, prefill, [None] + configs, targets, measure)
+        return [[dict(nll=nll, nll_full=full[b][0], nll_control=controls[b][0], exact=exact, exact_full=full[b][1],
+                      **gains(controls[b][0], full[b][0], nll, n)) for nll, exact in (r[b] for r in results)]
+                for b in range(len(examples))]
 
-        control = Prefill.record(model, example.control.view(1, -1).to(device))
-        control_nll, _ = score_replays(model, control, [None], targets, measure)[0]
-        prefill = Prefill.record(model, example.prompt.view(1, -1).to(device))
-        (full_nll, full_exact), *results = score_replays(model, prefill, [None] + configs, targets, measure)
-        return [dict(nll=nll, nll_full=full_nll, nll_control=control_nll, exact=exact, exact_full=full_exact,
-                     **gains(control_nll, full_nll, nll, example.scored)) for nll, exact in results]
+
+def example_shape(e: Example) -> tuple[int, int, int, int]:
+    """What examples scored as one batch share: the lengths of prompt, control and targets, and `scored`."""
+    return e.prompt.numel(), e.control.numel(), e.targets.numel(), e.scored
 
 
 def gains(control: float, full: float, this: float, weight: int) -> dict:
@@ -175,14 +192,16 @@ def run_task(task: Task, model, examples: list[Example], configs: list[Compresso
     for example in tqdm(examples, desc=f"{task.name} ({len(configs)} configs)", unit="example", file=sys.stderr):
         keys = {c.label: record_key(dict(base, label=c.label, example=example.key)) for c in configs}
         pending = [c for c in configs if keys[c.label] not in done]
-        for c, record in zip(pending, example_records(task, model, example, pending, meta) if pending else []):
+        for c, record in zip(pending, example_records(task, model, [example], pending, meta)[0] if pending else []):
             append_jsonl(path_of(c), record)
 
 
-def example_records(task: Task, model, example: Example, configs: list[Compressor], meta: dict) -> list[dict]:
-    """Each configuration's record on one example (meta: model, revision, dtype)."""
-    return [dict(meta, task=task.name, label=c.label, compressor=c.name, settings=c.settings(), example=example.key,
-                 **example.info, **fields) for c, fields in zip(configs, task.score(model, example, configs))]
+def example_records(task: Task, model, examples: list[Example], configs: list[Compressor], meta: dict
+                    ) -> list[list[dict]]:
+    """Each configuration's record on each example (meta: model, revision, dtype), from Task.score_batch."""
+    return [[dict(meta, task=task.name, label=c.label, compressor=c.name, settings=c.settings(), example=e.key,
+                  **e.info, **fields) for c, fields in zip(configs, rows)]
+            for e, rows in zip(examples, task.score_batch(model, examples, configs))]
 
 
 def task_complete(path, task: Task, examples: list[Example], meta: dict, label: str) -> bool:
