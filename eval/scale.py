@@ -123,14 +123,13 @@ def _plots(out: Path, metric: str, members: list[dict], labels: list[str]) -> li
     per configuration; only where the axis has at least two points."""
     lines = []
     slug = folder_name(metric.replace(": ", "_").replace(" ", "_"))
-    for axis, key, panel_key, x_label in (("size", "parameters", "revision", "parameters"),
-                                          ("step", "step", "model", "training step")):
+    for axis, x_label in (("size", "parameters"), ("step", "training step")):
         panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
         for m in members:
             x = m["parameters"] if axis == "size" else step_of(m["revision"])
             if x is None:
                 continue
-            panel = str(m[panel_key] or MAIN) if axis == "size" else model_folder(m["model"])
+            panel = str(m["revision"] or MAIN) if axis == "size" else model_folder(m["model"])
             for label in labels:
                 y = m["metrics"].get(label, {}).get(metric)
                 if y is not None:

@@ -219,23 +219,22 @@ def plan_units(batches: list[list[Compressor]], books: list, tasks: dict, folder
         for name, source, ids in books:
             todo = [c for c in batch if record_key(dict(base, book=name, label=c.label)) not in scored[c.label]]
             if todo:
-                units.append(Unit(len(units), b, todo, book=(name, source, ids)))
+                units.append(Unit(b, todo, book=(name, source, ids)))
         for task, examples in tasks.values():
             done = {c.label: {task_record_key(r) for r in read_jsonl(folders[c.label] / f"{task.name}.jsonl",
                                                                      TASK_RECORD_KEYS)} for c in batch}
             # A unit per example, so that an interrupted run keeps every example it scored; with batch_examples,
             # runs of consecutive examples of one shape that the same configurations lack, scored as one batch.
-            run: list = []
+            run, lacking = [], []  # the examples of the unit being gathered, and the configurations they lack
             for example in examples + [None]:
-                labels = [c.label for c in batch if task_record_key(dict(
+                todo = [c for c in batch if task_record_key(dict(
                     meta, task=task.name, label=c.label, example=example.key)) not in done[c.label]] if example else []
-                if run and (len(run) == batch_examples or example is None or labels != run[0][1]
-                            or example_shape(example) != example_shape(run[0][0])):
-                    units.append(Unit(len(units), b, [c for c in batch if c.label in run[0][1]], task=task,
-                                      examples=run))
+                if run and (len(run) == batch_examples or example is None or todo != lacking
+                            or example_shape(example) != example_shape(run[0])):
+                    units.append(Unit(b, lacking, task=task, examples=run))
                     run = []
-                if labels:
-                    run.append((example, labels))
+                if todo:
+                    run, lacking = run + [example], todo
     return units
 
 

@@ -1,9 +1,8 @@
 """The units a sweep is split into, and how one is run: what a serial run does in turn and a Ray cluster does
-in parallel (eval.distributed), so that both give the same records.
+in parallel (eval.executors), so that both give the same records.
 
 A unit is one configuration batch's work on one book (its PPL) or on one task example (or a batch of them
-of one shape, with batch_windows). It holds
-everything it needs but the model: the configurations, the book's tokens or the examples (built once by the
+of one shape, with batch_windows). It holds everything it needs but the model: the configurations, the book's tokens or the examples (built once by the
 driver), and the settings of the windows. Running it returns records; it writes nothing. The driver writes
 each unit's records into the configurations' folders in the order the units were planned, whatever order they
 finish in, so that a serial, a distributed and a resumed run leave the same files. How long a unit took,
@@ -41,17 +40,17 @@ class Windows:
 @dataclass
 class Unit:
     """One configuration batch's PPL on one book, or its scores on task examples still to do: one, or up to
-    batch_windows of one shape that the same configurations lack (scored as one batch), with their labels."""
-    index: int  # its place in the plan: the driver writes results in this order
+    batch_windows of one shape that the same configurations lack (scored as one batch). `configs`: those of
+    the batch that lack the book or the examples."""
     batch: int  # which configuration batch
     configs: list[Compressor]
     book: tuple[str, str, torch.Tensor] | None = None  # (name, source, ids) of a PPL unit
     task: Task | None = None
-    examples: list[tuple[Example, list[str]]] = field(default_factory=list)
+    examples: list[Example] = field(default_factory=list)
 
     @property
     def name(self) -> str:
-        what = f"ppl {self.book[0]}" if self.book else f"{self.task.name} {self.examples[0][0].key}" + (
+        what = f"ppl {self.book[0]}" if self.book else f"{self.task.name} {self.examples[0].key}" + (
             f" and {len(self.examples) - 1} more" if len(self.examples) > 1 else "")
         return f"batch {self.batch}: {what}, {len(self.configs)} config(s)"
 
@@ -78,10 +77,8 @@ def run_unit(unit: Unit, model, windows: Windows, meta: dict) -> Done:
         records += [(c.label, "ppl.jsonl", r) for c, r in zip(unit.configs, rows)]
         seconds = {c.label: round(s, 3) for c, s in zip(unit.configs, secs)}
     else:
-        by_label = {c.label: c for c in unit.configs}
-        configs = [by_label[label] for label in unit.examples[0][1]]  # (the unit's examples share their labels)
-        for rows in example_records(unit.task, model, [e for e, _ in unit.examples], configs, meta):
-            records += [(c.label, f"{unit.task.name}.jsonl", r) for c, r in zip(configs, rows)]
+        for rows in example_records(unit.task, model, unit.examples, unit.configs, meta):
+            records += [(c.label, f"{unit.task.name}.jsonl", r) for c, r in zip(unit.configs, rows)]
     log = dict(unit=unit.name, seconds=round(clock(device) - t0, 3), config_seconds=seconds or None,
                threads=torch.get_num_threads(), device=str(device), host=platform.node(), pid=os.getpid(),
                finished=time.strftime("%Y-%m-%d %H:%M:%S"))

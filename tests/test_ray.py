@@ -4,7 +4,6 @@ and every Ray process gone when the sweep ends, on an error or Ctrl-C too."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import psutil
 import pytest
@@ -127,4 +126,3 @@ def test_ray_options_that_cannot_work_are_one_line_errors(scale_grid, tmp_path, 
     assert "add --ray" in capsys.readouterr().err
     assert run_cli(main, ["sweep", str(scale_grid), "--out", str(tmp_path / "b"), "--ray", "--workers", "0"]) == 2
     assert "--workers must be >= 1" in capsys.readouterr().err
-    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -22,7 +22,6 @@ import torch
 
 from minipythia.cli import run_cli
 
-from ..grid import parse_spec
 from ..markdown import table
 from ..results import read_jsonl, write_text
 
@@ -86,7 +85,6 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp) / "scaling.yaml"
         spec_path.write_text(GRID.format(max_tokens=args.max_tokens))
-        parse_spec(spec_path.read_text(), spec_path)
         plan = [(1, None), (args.batch_windows, None)] + [(1, w) for w in workers]
         for i, (batch_windows, w) in enumerate(plan):
             print(f"== run {i + 1} of {len(plan)}: batch_windows {batch_windows}, "
