@@ -22,6 +22,8 @@ A policy entry names a registered compressor (minipythia.compressors.COMPRESSORS
 (dataclass fields); they are built by minipythia's one builder, so a new policy needs no change here.
 A list value is a grid axis: the entry expands to the cartesian product of its axes. A setting whose own
 value is a sequence (KnormPress's skip_layers) takes a flat list as one value and a list of lists as an axis.
+A setting whose value is another policy (a wrapper's scorer, per_layer's layers) takes a name or a mapping with
+settings of its own, `scorer: {compressor: snapkv, window_size: 16}`; lists inside that mapping are not axes.
 Settings derived from the model (PyramidKV's num_layers) are filled by the policy's for_model().
 `tasks` lists what each configuration is scored on (eval.tasks; ppl is eval.ppl's sliding windows, whose
 one setting is short_context, the control of its `retained`); a task's settings are single values, not axes.
@@ -43,7 +45,8 @@ from pathlib import Path
 import yaml
 
 from minipythia.compressors import COMPRESSORS, Compressor, build_compressor, import_policies
-from minipythia.compressors.base import STORAGE_SETTINGS, settings_of
+from minipythia.compressors.base import STORAGE_SETTINGS
+from minipythia.compressors.settings import Policy as PolicyValued, settings_of
 from minipythia.generate import WARMUP_STEPS
 from minipythia.weights import DTYPES
 
@@ -343,9 +346,10 @@ def _policies(raw, where: str) -> list[Policy]:
                 values = value if isinstance(value, list) else [value]
             if not values:
                 raise ConfigError(f"{at}: {key} is an empty list; give at least one value")
+            takes_policies = PolicyValued in (setting.kind, setting.element)  # a policy with settings: a mapping
             for v in values:
-                if isinstance(v, dict):
-                    raise ConfigError(f"{at}: {name}.{key} must be a value or a list of values, got a mapping {v!r}")
+                if isinstance(v, dict) and not takes_policies:
+                    raise ConfigError(f"{at}: {name}.{key} must be a value or a list of values, got a mapping")
                 try:
                     setting.check(v, name)
                 except TypeError as e:

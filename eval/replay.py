@@ -5,9 +5,10 @@ at a time, and the targets are teacher-forced through it in one forward. The fir
 the prefill's last logits, which saw the full KV whatever the compressor (as generation's first token).
 B prompts of one length with B rows of targets of one length are scored the same way, as one batch: the
 caches keep each row's entries apart, so each row is compressed as it would be alone; a policy whose rows
-would depend on each other in one cache (Compressor.scored_by_row) is replayed one row at a time.
-Kept entries are copies of the one prefill's, so caches that kept the same positions (and store them alike)
-are the same cache and give the same logits: those are measured once (a budget at or above the prompt keeps
+would depend on each other in one cache (its draws laid out by row, Compressor.rows_interact, or heads padded to
+the batch's longest, KVCache.headwise) is replayed one row at a time.
+Kept entries are copies of the one prefill's, so caches that kept the same positions (and hold copies of them,
+KVCache.holds_copies) are the same cache and give the same logits: those are measured once (a budget at or above the prompt keeps
 everything, as none does, and so gives exactly none's figures).
 """
 
@@ -26,17 +27,16 @@ Result = TypeVar("Result")
 
 @dataclass
 class Kept:
-    """What a replayed cache of one prefill holds: its entries' positions per layer and, for a compressor that
-    alters the entries it keeps (quantized, pruned, merged: Compressor.alters_entries), that compressor's
-    label, since caches of the same positions then hold other entries."""
+    """What a replayed cache of one prefill holds: its entries' positions per layer and, for a cache that holds
+    other than plain copies of them (quantized, pruned, merged, laid out per head: KVCache.holds_copies), its
+    compressor's label, since caches of the same positions then hold other entries."""
     positions: list[torch.Tensor]
     altered_by: str | None
 
     @classmethod
     def of(cls, cache) -> "Kept":
-        c = cache.compressor
         return cls([cache.positions(layer) for layer in range(cache.num_layers)],
-                   c.label if c is not None and c.alters_entries else None)
+                   None if cache.holds_copies else cache.compressor.label)
 
     def per_head(self) -> torch.Tensor:
         """Entries each head holds, summed over the batch rows: (layers, nh) float64 (padding is position -1).
@@ -72,22 +72,23 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
     measured: list[tuple[Kept, Result]] = []
     for i, compressor in enumerate(compressors):
         t = clock(device)
-        if targets.size(0) > 1 and compressor is not None and compressor.scored_by_row:
+        cache = prefill.replay(model, compressor)
+        if targets.size(0) > 1 and (cache.headwise or compressor is not None and compressor.rows_interact):
             # Its rows would depend on each other in one cache: each row alone, as a batch of one would be.
-            logits, heads = [], 0
+            headwise, logits, heads = cache.headwise, [], 0
+            del cache
             for b in range(targets.size(0)):
                 row = prefill.row(b)
                 cache = row.replay(model, compressor)
                 heads = heads + Kept.of(cache).per_head()
                 logits.append(forced_logits(model, row, cache, targets[b : b + 1]))
                 del cache
-            if per_head is not None and compressor.headwise:
+            if per_head is not None and headwise:
                 per_head[i] = heads + (0 if per_head[i] is None else per_head[i])
             results.append(measure(torch.cat(logits)))
         else:
-            cache = prefill.replay(model, compressor)
             kept = Kept.of(cache)
-            if per_head is not None and compressor is not None and compressor.headwise:
+            if per_head is not None and cache.headwise:
                 per_head[i] = kept.per_head() + (0 if per_head[i] is None else per_head[i])
             result = next((r for other, r in measured if other.same(kept)), None)
             if result is None:

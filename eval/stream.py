@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from minipythia import Compressor
-from minipythia.cache import check_decode_interval
+from minipythia.kv import check_decode_interval
 from minipythia.timing import clock
 
 from .nll import nonfinite_nll

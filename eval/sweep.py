@@ -281,7 +281,7 @@ def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: 
             kept_per_layer=[min(c.keep_count(layer, window_prompt), window_prompt) for layer in range(n_layers)],
             kv_bytes=kv_bytes[c.label], sweep=settings,
             # What a cache that masks the entries a head drops, instead of freeing them (kvpress's AdaKV), holds.
-            **({"kv_bytes_masked": kv_bytes[None]} if c.headwise else {})))
+            **({"kv_bytes_masked": kv_bytes[None]} if any(map(c.headwise_at, range(n_layers))) else {})))
 
     summary_path = out / "sweep.json"
     previous = read_json(summary_path) if summary_path.is_file() else {}

@@ -1,6 +1,6 @@
 """minipythia: Pythia (GPT-NeoX) from scratch in PyTorch, with a native, compressible KV cache."""
 
-from .cache import KVCache
+from .kv import KVCache
 from .compressors import (COMPRESSORS, H2O, TOVA, CapacityBudget, Compressor, KnormPress, NoCompression, Oracle,
                           PyramidKV, RandomEviction, SnapKV, StreamingLLM, attention_weights, build_compressor,
                           import_policies, oracle_future_queries, register)

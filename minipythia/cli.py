@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .compressors import COMPRESSORS, Compressor, NoCompression, build_compressor, import_policies, policy_class
 from .compressors.registry import decoding_policies
-from .compressors.base import Setting, settings_of
+from .compressors.settings import Policy, Setting, settings_of
 from .config import PythiaConfig
 from .model import Pythia
 from .weights import DEFAULT_MODEL, DTYPES, EMBEDDED_MODEL, ModelNotFoundError, resolve
@@ -151,6 +151,8 @@ def compressor_from_args(args: argparse.Namespace) -> Compressor:
 def _parse(setting: Setting, text: str, flag: str):
     """A flag's text as the setting's type: a tuple is comma-separated ('0,1'), a bool true/false."""
     def one(kind, item):
+        if kind is Policy:
+            return item  # a registered name (settings of its own: from Python or a sweep's YAML)
         if kind is bool:
             if item.lower() not in ("true", "false"):
                 raise ValueError(f"{flag} takes true or false, got {item!r}")

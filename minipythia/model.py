@@ -11,35 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import KVCache
 from .compressors import Compressor, NoCompression
 from .config import PythiaConfig
-from .pruned_keys_cache import PrunedKeysCache
-from .quantized_cache import QuantizedKVCache
-from .ragged_cache import RaggedKVCache
-
-
-def rotary_cos_sin(config: PythiaConfig, start: int, length: int, device, dtype):
-    """cos, sin of shape (length, rotary_ndims) for positions start .. start+length-1, computed in float32."""
-    nd = config.rotary_ndims
-    inv_freq = 1.0 / config.rotary_emb_base ** (torch.arange(0, nd, 2, device=device, dtype=torch.float32) / nd)
-    positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, nd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The "rotate half" form, in place, on the first rotary_ndims features of each head; the rest is
-    untouched. qk (B, T, nh, 2, hs) holds queries and keys together, so one pass rotates both;
-    cos, sin (T, nd) broadcast over batch, heads and q/k."""
-    nd = cos.size(-1)
-    cos, sin = cos[:, None, None], sin[:, None, None]  # (T, 1, 1, nd)
-    x_rot = qk[..., :nd]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    x_rot.copy_(x_rot * cos + rotated * sin)
-    return qk
+from .kv import KVCache
+from .rotary import apply_rotary_, rotary_cos_sin
 
 
 class Attention(nn.Module):
@@ -145,16 +120,14 @@ class Pythia(nn.Module):
         quantized: the same as giving them to the compressor (its storage settings), which is where they live."""
         storage = {k: v for k, v in dict(kv_bits=kv_bits, kv_group_size=kv_group_size, kv_residual=kv_residual).items()
                    if v is not None}
-        if storage and (compressor is None or isinstance(compressor, Compressor)):  # (KVCache names a wrong kind)
+        if compressor is not None and not isinstance(compressor, Compressor):
+            raise TypeError(f"compressor must be a minipythia Compressor (e.g. SnapKV()) or None, got "
+                            f"{type(compressor).__name__}")
+        if storage:
             compressor = dataclasses.replace(compressor or NoCompression(), **storage)
         p = self.embed_in.weight
-        # How the kept entries are stored: per head (head-wise budgets), pruned key channels (ThinK), quantized
-        # (KIVI), or as they are.
-        kind = (RaggedKVCache if getattr(compressor, "headwise", False)
-                else PrunedKeysCache if getattr(compressor, "prunes_key_channels", False)
-                else QuantizedKVCache if getattr(compressor, "kv_bits", None) is not None else KVCache)
-        return kind(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
-                    decode_interval=decode_interval, record_queries=record_queries)
+        return KVCache(self.config, batch_size, dtype=p.dtype, device=p.device, compressor=compressor,
+                       decode_interval=decode_interval, record_queries=record_queries)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only.

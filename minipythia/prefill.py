@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import KVCache
+from .kv import KVCache
 
 
 @dataclass

@@ -231,14 +231,15 @@ def kept_sets_agree(positions, ref_scores, n_keep: int, rel_gap: float = 1e-3) -
     return compared, tied
 
 
-def check_decoding_by_hand(model, cache, token, position: int, keys, values, valid, steps: int = 3):
+def check_decoding_by_hand(model, cache, token, position: int, keys, values, valid, steps: int = 3,
+                           atol: float = 1e-5):
     """Decodes `steps` tokens through `cache` from `token` at `position`, each step's logits checked against
     decode_by_hand over the given kept K, V per layer and the entries `valid` marks (heads may keep
-    different ones), to 1e-5; each new token joins every head. Returns the last masks (per layer)."""
+    different ones), to atol; each new token joins every head. Returns the last masks (per layer)."""
     for step in range(steps):
         by_hand, new_keys = decode_by_hand(model, token, position + step, keys, values, valid)
         ours = model(token, cache=cache)
-        torch.testing.assert_close(ours, by_hand, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours, by_hand, rtol=0, atol=atol)
         new_values = [cache.values(i)[:, :, -1:] for i in range(cache.num_layers)]
         keys = [torch.cat((k, n), dim=2) for k, n in zip(keys, new_keys)]
         values = [torch.cat((v, n), dim=2) for v, n in zip(values, new_values)]

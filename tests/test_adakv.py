@@ -156,7 +156,7 @@ def test_registered_and_declared():
     comp = build_compressor("adakv")
     assert COMPRESSORS["adakv"] is AdaKV and type(comp) is AdaKV
     assert (comp.max_capacity_prompt, comp.scorer, comp.alpha_safeguard) == (512, "snapkv", 0.2)
-    assert AdaKV.headwise and comp.alters_entries and comp.keep_count(0, 2000) == 512
+    assert AdaKV.headwise and comp.headwise_at(3) and comp.keep_count(0, 2000) == 512
     assert comp.label == "adakv_c512_snapkv_a0.2"
     with pytest.raises(ValueError, match="prefill"):
         comp.decode_queries()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import decode_by_hand, snapshot
 from minipythia import KnormPress, NoCompression, Pythia, SnapKV
-from minipythia.cache import GROWTH
+from minipythia.kv.store import GROWTH
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

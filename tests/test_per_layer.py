@@ -87,9 +87,6 @@ def test_fewer_names_the_last_applies_to_the_deeper_layers():
 @pytest.mark.parametrize("layers,message", [
     (("none", "nope"), r"layers\[1\] must be a registered policy, got 'nope'"),
     ((), "at least one policy"),
-    (("none", "adakv"), r"layers\[1\] cannot be 'adakv': .*ragged cache"),
-    (("think",), r"cannot be 'think': it prunes key channels"),
-    (("merging",), r"cannot be 'merging': it sets its kept entries' values"),
     (("none", "per_layer"), "cannot nest itself"),
 ])
 def test_refused_settings(layers, message):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from eval.grid import ConfigError, parse_spec
 from minipythia import COMPRESSORS, build_compressor
 from minipythia.cli import run_cli
-from minipythia.compressors.base import settings_of
+from minipythia.compressors.settings import settings_of
 from minipythia.generate.__main__ import main as generate_main
 
 # Values of every kind a flag or a YAML field may be given: numbers in and out of range, text, nothing.

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipythia import NoCompression, Pythia, SnapKV, StreamingLLM
-from minipythia.quantization import pack, quantize, unpack
-from minipythia.quantized_cache import QuantizedKVCache
+from minipythia.kv.quantization import pack, quantize, unpack
+from minipythia.kv import QuantizedStore
 from minipythia.weights import EMBEDDED_MODEL
 
 from conftest import decode_by_hand, tiny_sweep
@@ -73,15 +73,15 @@ def prompt(n: int, seed: int = 0) -> torch.Tensor:
 def test_kivi_keeps_the_newest_entries_in_full_precision_and_flushes_as_it_decodes(model):
     n, R = 300, 128
     cache = model.new_cache(kv_bits=4, kv_group_size=32, kv_residual=R)
-    assert isinstance(cache, QuantizedKVCache)
     logits = model(prompt(n), cache=cache)
-    keys, values = cache._quantized_keys[0], cache._quantized_values[0]
-    assert keys.num_tokens == n - n % R == 256 and cache._key_tail_len[0] == n % R == 44
-    assert values.num_tokens == n - R and cache._value_tail_len[0] == R
+    store = cache.stores[0]
+    assert isinstance(store, QuantizedStore)
+    assert store._keys.num_tokens == n - n % R == 256 and store._key_tail_len == n % R == 44
+    assert store._values.num_tokens == n - R and store._value_tail_len == R
     for step in range(R - n % R):  # the key tail fills up to R, then is quantized whole
         logits = model(logits[:, -1:].argmax(-1), cache=cache)
-    assert cache._quantized_keys[0].num_tokens == 384 and cache._key_tail_len[0] == 0
-    assert cache._quantized_values[0].num_tokens == 384 - R and cache._value_tail_len[0] == R
+    assert store._keys.num_tokens == 384 and store._key_tail_len == 0
+    assert store._values.num_tokens == 384 - R and store._value_tail_len == R
     assert torch.equal(cache.positions(0)[0, 0], torch.arange(n + R - n % R))
     assert len(cache) == cache.seen == 384
 
@@ -138,7 +138,7 @@ def test_a_768_token_prompt_really_takes_a_fraction_of_the_bytes(model, bits, at
     model(ids, cache=full), model(ids, cache=quantized)
     assert quantized.nbytes <= at_most * full.nbytes
     # what it holds is codes, float16 minima and scales, the tails and positions: nothing full-size besides
-    assert all(quantized._keys[i] is None and quantized._values[i] is None for i in range(quantized.num_layers))
+    assert all(isinstance(store, QuantizedStore) for store in quantized.stores)
 
 
 def test_settings_that_cannot_apply_are_errors(model):
@@ -148,8 +148,6 @@ def test_settings_that_cannot_apply_are_errors(model):
         NoCompression(kv_bits=4, kv_group_size=32, kv_residual=48)
     with pytest.raises(ValueError, match="one of 2, 4, 8"):
         NoCompression(kv_bits=3)
-    with pytest.raises(ValueError, match="decode_interval"):
-        model.new_cache(compressor=StreamingLLM(kv_bits=4), decode_interval=16)
     # new_cache's storage arguments are the compressor's storage settings
     assert model.new_cache(compressor=SnapKV(), kv_bits=2).compressor == SnapKV(kv_bits=2)
     assert NoCompression().settings() == {} and NoCompression(kv_bits=4).label == "none_kv4_g32_res128"

@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from minipythia import Compressor, Prefill
-from minipythia.compressors.base import settings_of
+from minipythia.compressors.settings import settings_of
 
 from ..nll import retained, token_nll
 from ..replay import score_replays

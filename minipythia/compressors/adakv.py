@@ -6,6 +6,7 @@ from .base import CapacityBudget, Compressor
 from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
+from .settings import Policy
 
 
 def adaptive_selection(scores: torch.Tensor, keep: int, alpha_safeguard: float) -> torch.Tensor:
@@ -77,7 +78,7 @@ class AdaKV(OverScorer, CapacityBudget, Compressor):
                      "during decoding")
     headwise = True
     max_capacity_prompt: int = 512
-    scorer: str = "snapkv"
+    scorer: Policy = "snapkv"
     alpha_safeguard: float = 0.2  # kvpress's default; the share of C each head keeps of its own best
 
     def validate(self):

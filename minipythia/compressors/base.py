@@ -12,8 +12,8 @@ they are checked on construction, and the CLI flags and sweep YAML keys come fro
 (`minipythia.compressors.registry`).
 
 Every policy also composes with quantized storage of what it keeps (KIVI: `kv_bits`, `kv_group_size`,
-`kv_residual`, keyword-only settings of this base class; minipythia.quantized_cache), so that eviction,
-quantization and both are configurations of the same kind.
+`kv_residual`, keyword-only settings of this base class; minipythia.kv.quantized), so that eviction,
+quantization and both are configurations of the same kind, whatever else the policy's layers store.
 """
 
 
@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Literal
 
 import torch
+
+from .settings import settings_of
 
 # The storage settings every policy has; they appear in settings() and labels only when kv_bits is set.
 STORAGE_SETTINGS = ("kv_bits", "kv_group_size", "kv_residual")
@@ -83,10 +84,8 @@ class Compressor:
         """How many of a layer's newest queries score() reads when the cache compresses during decoding
         (KVCache decode_interval); the cache keeps that many. Raises ValueError, saying why, for a policy
         whose budget or scores only mean something for a whole prompt."""
-        from .registry import decoding_policies  # the registry imports this module
-
-        raise ValueError(f"{self.name} cannot compress during decoding: {self.cannot_decode}. Use "
-                         f"{', '.join(decoding_policies())}, or leave decode_interval unset")
+        raise ValueError(f"{self.name} cannot compress during decoding: {self.cannot_decode}. Use a policy that "
+                         f"can (minipythia.compressors.decoding_policies()), or leave decode_interval unset")
 
     def for_model(self, config) -> None:
         """Called with the model's PythiaConfig before the compressor is used (by the cache, and by sweeps
@@ -100,41 +99,38 @@ class Compressor:
         as score() gets them; idx (B, nh, k) the kept entries, in position order. Returns (B, nh, k, hs)."""
         return None
 
-    # Whether heads may keep different numbers of entries (select); the model then gives the policy a cache
-    # that holds each head's entries only (minipythia.ragged_cache).
+    def select(self, layer: int, scores: torch.Tensor, keep: int) -> torch.Tensor:
+        """Which entries to keep, from their scores (B, nh, L); keep = keep_count(layer, L). Every head the same
+        count: LongTensor (B, nh, keep) of the kept slots, in position order (the default: each head's top
+        `keep`). Heads with budgets of their own (headwise): BoolTensor (B, nh, L), `keep` then the average per
+        head. The cache stores what it gets accordingly (minipythia.kv)."""
+        return scores.topk(keep, dim=-1).indices.sort(dim=-1).values
+
+    # Whether heads may keep different numbers of entries (select returns a mask); the cache then holds each
+    # head's entries only (minipythia.kv.ragged).
     headwise: ClassVar[bool] = False
 
-    def select(self, layer: int, scores: torch.Tensor, keep: int) -> torch.Tensor:
-        """For a head-wise policy: which entries each head keeps, BoolTensor (B, nh, L), from its scores
-        (B, nh, L); keep = keep_count(layer, L), the average per head (heads may keep more or fewer)."""
-        raise NotImplementedError
+    def headwise_at(self, layer: int) -> bool:
+        """Whether `layer`'s heads get budgets of their own (a policy per layer answers per layer)."""
+        return self.headwise
 
-    # Whether a batch row's cache depends on the other rows of its batch (random draws laid out by row). Such
-    # a policy, and every head-wise one (whose cache pads each head to the batch's longest, so that its
-    # attention rounds otherwise), is replayed one row at a time by batched evaluation (eval.replay): a
-    # prompt's figures never depend on the batch it was scored in.
+    # Whether a batch row's cache depends on the other rows of its batch (random draws laid out by row): batched
+    # evaluation then replays the policy one row at a time (eval.replay).
     rows_interact: ClassVar[bool] = False
 
-    @property
-    def scored_by_row(self) -> bool:
-        return self.rows_interact or self.headwise
-
-    # Whether the policy also prunes key channels (key_channels); the model then gives it a cache that stores
-    # only the kept channels of the prompt's keys (minipythia.pruned_keys_cache).
+    # Whether the policy also prunes key channels (key_channels); the cache then stores only the kept channels
+    # of the prompt's keys (minipythia.kv.pruned_keys).
     prunes_key_channels: ClassVar[bool] = False
+
+    def prunes_keys_at(self, layer: int) -> bool:
+        """Whether `layer`'s prompt keys keep only some channels (key_channels)."""
+        return self.prunes_key_channels
 
     def key_channels(self, layer: int, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """For a policy that prunes key channels: the channels each head keeps of the prompt's kept keys,
         LongTensor (B, nh, d') in increasing order; keys (B, nh, k, hs) after eviction, queries (B, nh, L, hs)
         the prompt's. The pruned channels of those keys are dropped (q . k sums over the kept ones only)."""
         raise NotImplementedError
-
-    @property
-    def alters_entries(self) -> bool:
-        """Whether its cache holds anything but copies of the prefill's kept entries (quantized, pruned or
-        merged ones): caches of one prefill that kept the same positions are then not the same cache."""
-        return (self.kv_bits is not None or self.prunes_key_channels or self.headwise
-                or type(self).kept_values is not Compressor.kept_values)
 
     def prepare(self, model, input_ids: torch.Tensor):
         """Called with the model and the prompt's ids (B, L) just before a prefill into a cache with this
@@ -168,10 +164,18 @@ class Compressor:
         for key, value in self.settings().items():
             if value in ((), [], None):
                 continue
-            if isinstance(value, list):
-                value = "-".join(map(str, value))
-            parts.append(f"{names.get(key, key)}{value}")
+            parts.append(f"{names.get(key, key)}{_label_value(value)}")
         return "_".join(parts)
+
+
+def _label_value(value) -> str:
+    """A setting's value in a label: a list joined by '-', a policy given with settings (a mapping) as its name
+    and settings, '-'-joined ('snapkv-window_size16')."""
+    if isinstance(value, list):
+        return "-".join(map(_label_value, value))
+    if isinstance(value, dict):
+        return "-".join([value["compressor"], *(f"{k}{_label_value(v)}" for k, v in value.items() if k != "compressor")])
+    return str(value)
 
 
 class CapacityBudget:
@@ -202,67 +206,3 @@ def attention_weights(queries: torch.Tensor, keys: torch.Tensor, causal: bool = 
         visible = torch.arange(L, device=keys.device) <= torch.arange(L - Q, L, device=keys.device)[:, None]
         logits = logits.masked_fill(~visible, float("-inf"))
     return logits.softmax(dim=-1)
-
-
-# --- settings: the dataclass fields, typed by their annotations ------------------------------------------
-
-@dataclass(frozen=True)
-class Setting:
-    """One setting of a policy: a dataclass field, with the type its annotation gives."""
-    name: str
-    kind: type  # int, float, str, bool or tuple
-    default: object  # dataclasses.MISSING when required
-    element: type | None = None  # the type of a tuple's items
-    choices: tuple | None = None  # a Literal's values
-    optional: bool = False  # None is allowed
-
-    @property
-    def is_sequence(self) -> bool:
-        return self.kind is tuple
-
-    def check(self, value, policy: str):
-        """The value in the setting's type (a tuple for a list, a float for an int), else TypeError; a value
-        outside a Literal's choices is a ValueError (a setting the policy cannot use)."""
-        if value is None and self.optional:
-            return None
-        if self.is_sequence and isinstance(value, (list, tuple)):
-            return tuple(_typed(v, self.element, f"{policy}.{self.name}[{i}]") for i, v in enumerate(value))
-        if self.is_sequence:
-            raise TypeError(f"{policy}.{self.name} must be a list of {self.element.__name__}, got {value!r}")
-        value = _typed(value, self.kind, f"{policy}.{self.name}")
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
-        return value
-
-
-def _typed(value, kind: type, where: str):
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
-        return value
-    raise TypeError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
-
-
-def settings_of(cls: type) -> list[Setting]:
-    """The settings of a policy class, in field order."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        kind, optional, element, choices = hints[f.name], False, None, None
-        args = typing.get_args(kind)
-        if type(None) in args:  # X | None
-            optional, kind = True, next(a for a in args if a is not type(None))
-            args = typing.get_args(kind)
-        if typing.get_origin(kind) is typing.Literal:
-            choices, kind = args, type(args[0])
-        elif typing.get_origin(kind) is tuple:
-            kind, element = tuple, args[0]
-        if kind not in (int, float, str, bool, tuple):
-            raise TypeError(f"{cls.__name__}.{f.name}: a setting is an int, float, str, bool, Literal or "
-                            f"tuple[X, ...] (optionally | None), got {hints[f.name]!r}")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-        out.append(Setting(f.name, kind, default, element, choices, optional))
-    return out

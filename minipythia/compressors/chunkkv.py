@@ -6,6 +6,7 @@ from .base import CapacityBudget, Compressor
 from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
+from .settings import Policy
 
 
 @register
@@ -36,7 +37,7 @@ class ChunkKV(OverScorer, CapacityBudget, Compressor):
     label_names = {"chunk_size": "chunk", "scorer": ""}
     max_capacity_prompt: int = 512
     chunk_size: int = 20  # kvpress's chunk_length default (the paper's experiments mostly use 10)
-    scorer: str = "snapkv"
+    scorer: Policy = "snapkv"
 
     def validate(self):
         super().validate()

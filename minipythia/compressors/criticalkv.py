@@ -8,6 +8,7 @@ from .base import CapacityBudget, Compressor
 from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
+from .settings import Policy
 
 
 @register
@@ -53,7 +54,7 @@ class CriticalKV(OverScorer, CapacityBudget, Compressor):
     cannot_decode = ("its refinement splits a prompt's budget between the scorer's choice and the projected value "
                      "norms once, at the prefill, as the official press does")
     max_capacity_prompt: int = 512
-    scorer: str = "snapkv"
+    scorer: Policy = "snapkv"
     first_stage_ratio: float = 0.5  # kvpress's default
     epsilon: float = 1e-4  # kvpress's default
 
@@ -113,4 +114,4 @@ class CriticalAdaKV(AdaKV):
     CriticalKV's scores, i.e. `AdaKV(scorer="criticalkv")` under its own name."""
 
     name = "criticaladakv"
-    scorer: str = "criticalkv"
+    scorer: Policy = "criticalkv"

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from ..rotary import rotary_cos_sin
 from .base import Compressor
 from .registry import register
 
@@ -115,7 +116,6 @@ class DuoAttention(Compressor):
 
     def head_scores(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """keys, queries (B, nh, L, hs), rotated at positions 0 .. L-1 -> kvpress's on-the-fly score (B, nh)."""
-        from ..model import rotary_cos_sin  # the model imports the compressors
 
         config = self._config
         L, hs = keys.size(2), keys.size(3)

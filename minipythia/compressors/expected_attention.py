@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import rotary_cos_sin
+from ..rotary import rotary_cos_sin
 from .base import CapacityBudget, Compressor
 from .registry import register
 

@@ -8,6 +8,7 @@ from .h2o import QUERY_CHUNK
 from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
+from .settings import Policy
 
 
 @register
@@ -61,7 +62,7 @@ class Merging(OverScorer, CapacityBudget, Compressor):
     name = "merging"
     label_names = {"scorer": "", "merge_budget": "m"}
     max_capacity_prompt: int = 512
-    scorer: str = "streaming_llm"
+    scorer: Policy = "streaming_llm"
     merge_budget: int = 32  # m: kvpress's default and the official GPT-NeoX decode path's
 
     def validate(self):

@@ -1,15 +1,15 @@
-"""The base of policies built over another one (ChunkKV, ThinK, merging): `scorer`, a registered policy's
-name, is built as `inner` with its defaults (plus max_capacity_prompt when it has that setting, which it
-then shares), and answers for what the wrapper does not decide itself: the settings it takes from the model
-(for_model), what it still needs (missing_input), the prompt hook (prepare). Put it first among the bases:
-`class ChunkKV(OverScorer, CapacityBudget, Compressor)`. A scorer's other settings cannot be set through the
-wrapper: they are its defaults.
+"""The base of policies built over another one (AdaKV, ChunkKV, CriticalKV, ThinK, merging): `scorer`, another
+policy (settings.Policy: a name, a mapping {compressor: NAME, setting: value, ...} or a Compressor), is built as
+`inner` with the settings it gives (the others at their defaults) plus the wrapper's max_capacity_prompt when
+it has that setting, which it then shares. The inner policy answers for what the wrapper does not decide
+itself: the settings it takes from the model (for_model), what it still needs (missing_input), the prompt hook
+(prepare). Put it first among the bases: `class ChunkKV(OverScorer, CapacityBudget, Compressor)`.
 """
 
 from __future__ import annotations
 
-from .base import Compressor, settings_of
-from .registry import COMPRESSORS, build_compressor
+from .base import Compressor
+from .registry import COMPRESSORS, build_policy, policy_name
 
 
 class OverScorer:
@@ -22,23 +22,23 @@ class OverScorer:
 
     def __post_init__(self):
         super().__post_init__()  # the settings are checked first, so the scorer's name is a usable one
-        own = {s.name for s in settings_of(COMPRESSORS[self.scorer])}
-        given = {"max_capacity_prompt": self.max_capacity_prompt} if "max_capacity_prompt" in own else {}
         try:
-            self.inner: Compressor = build_compressor(self.scorer, given)
+            self.scorer, self.inner = build_policy(self.scorer, {"max_capacity_prompt": self.max_capacity_prompt},
+                                                   self.name)
         except ValueError as e:
-            raise ValueError(f"{self.name}'s scorer {self.scorer} (its settings at their defaults, max_capacity_prompt "
+            raise ValueError(f"{self.name}'s scorer {policy_name(self.scorer)} (max_capacity_prompt "
                              f"{self.max_capacity_prompt}) cannot be built: {e}") from None
 
     def validate(self):
         super().validate()
-        cls = COMPRESSORS.get(self.scorer)
+        name = policy_name(self.scorer)
+        cls = COMPRESSORS.get(name)
         if cls is None:
-            raise ValueError(f"scorer must be a registered policy, got {self.scorer!r}; registered: "
+            raise ValueError(f"scorer must be a registered policy, got {name!r}; registered: "
                              f"{', '.join(n for n in COMPRESSORS if n != self.name)}")
         why = f"{self.name} cannot be its own scorer" if issubclass(cls, type(self)) else self.refused_scorer(cls)
         if why:
-            raise ValueError(f"scorer cannot be {self.scorer!r}: {why}")
+            raise ValueError(f"scorer cannot be {name!r}: {why}")
 
     def for_model(self, config):
         self.inner.for_model(config)

@@ -14,7 +14,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .base import Compressor, settings_of
+from .base import STORAGE_SETTINGS, Compressor
+from .settings import settings_of
 
 COMPRESSORS: dict[str, type[Compressor]] = {}
 
@@ -61,6 +62,34 @@ def build_compressor(name: str, settings: dict | None = None) -> Compressor:
     if unknown:
         raise TypeError(f"{name} has no setting {unknown[0]!r}; its settings: {', '.join(known) or 'none'}")
     return cls(**settings)
+
+
+def policy_name(spec) -> str:
+    """The name of a policy-valued setting (settings.Policy, already type-checked): a name or a mapping's."""
+    return spec if isinstance(spec, str) else spec["compressor"]
+
+
+def build_policy(spec, shared: dict, owner: str) -> tuple[str | dict, Compressor]:
+    """A policy-valued setting (settings.Policy) built for the policy `owner` that holds it: returns its short
+    form (the name alone when every setting it gives is at its default, else {compressor: NAME, ...the others})
+    and the compressor. `shared` holds settings the owner passes down (its max_capacity_prompt), given to the
+    inner policy when it has them: the spec may repeat them, or leave them at their defaults, but not contradict
+    them. Storage settings (kv_bits)
+    are the owner's, never an inner policy's."""
+    name = policy_name(spec)
+    given = {} if isinstance(spec, str) else {k: v for k, v in spec.items() if k != "compressor"}
+    fields = {s.name: s for s in settings_of(policy_class(name))}
+    for key, value in given.items():
+        if key in STORAGE_SETTINGS and value != fields[key].default:
+            raise ValueError(f"{owner}'s {name} cannot set {key}: storage is {owner}'s own setting")
+        value = fields[key].check(value, name) if key in fields else value
+        if key in shared and value not in (shared[key], fields[key].default):  # (a Compressor carries its default)
+            raise ValueError(f"{owner}'s {name} takes {key} from {owner} ({shared[key]}); leave it out")
+    # The short form keeps what differs from the defaults, as the settings record them (lists, not tuples).
+    own = {k: v for k, v in given.items() if k not in shared and k in fields and fields[k].check(v, name) != fields[k].default}
+    own = {k: list(v) if isinstance(v, tuple) else v for k, v in own.items()}
+    compressor = build_compressor(name, {**given, **{k: v for k, v in shared.items() if k in fields}})
+    return (name if not own else {"compressor": name, **own}), compressor
 
 
 # The package a policy file's module is put in (it is not importable by that name anywhere else).

@@ -5,6 +5,7 @@ import torch
 from .base import CapacityBudget, Compressor
 from .over_scorer import OverScorer
 from .registry import register
+from .settings import Policy
 
 
 @register
@@ -43,7 +44,7 @@ class ThinK(OverScorer, CapacityBudget, Compressor):
                      "with those channels only")
     prunes_key_channels = True
     max_capacity_prompt: int = 512
-    scorer: str = "snapkv"
+    scorer: Policy = "snapkv"
     key_channel_compression_ratio: float = 0.5  # the fraction of channels pruned (kvpress's name; its default is 0)
     window_size: int = 32
 

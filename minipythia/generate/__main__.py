@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..cache import check_decode_interval
+from ..kv import check_decode_interval
 from ..cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args, load_for_inference,
                    resolve_model, run_cli)
 from ..compressors import NoCompression
