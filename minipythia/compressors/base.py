@@ -26,6 +26,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..kv import PrunedKeysStore, Store
 from .settings import settings_of
 
 # The storage settings every policy has; they appear in settings() and labels only when kv_bits is set.
@@ -131,6 +132,15 @@ class Compressor:
         LongTensor (B, nh, d') in increasing order; keys (B, nh, k, hs) after eviction, queries (B, nh, L, hs)
         the prompt's. The pruned channels of those keys are dropped (q . k sums over the kept ones only)."""
         raise NotImplementedError
+
+    def holds(self, layer: int, store: Store, queries: torch.Tensor) -> Store:
+        """What `layer` holds once the prefill's entries are kept (`store`, queries (B, nh, L, hs) the prompt's):
+        those entries as they are, or only the key channels key_channels() names for a policy that prunes them.
+        A policy with a storage kind of its own (a Store subclass, minipythia/kv/) returns it here; quantized
+        storage (kv_bits) then wraps whatever this returns."""
+        if not self.prunes_keys_at(layer):
+            return store
+        return PrunedKeysStore(store, self.key_channels(layer, store.read()[0], queries))
 
     def prepare(self, model, input_ids: torch.Tensor):
         """Called with the model and the prompt's ids (B, L) just before a prefill into a cache with this

@@ -120,8 +120,8 @@ class PerLayer(CapacityBudget, Compressor):
     def prunes_keys_at(self, layer):
         return self.policy(layer).prunes_keys_at(layer)
 
-    def key_channels(self, layer, keys, queries):
-        return self.policy(layer).key_channels(layer, keys, queries)
+    def holds(self, layer, store, queries):
+        return self.policy(layer).holds(layer, store, queries)
 
     def decode_queries(self):
         reads = []

@@ -7,8 +7,8 @@ holds freshly allocated tensors with only the kept entries, so the memory of evi
 A compressor runs at the end of the prefill (the first forward into an empty cache), layer by layer right after
 the layer's attention, which thus saw the full KV. What a layer's store becomes follows from what the policy
 declares for that layer: its `select` returns indices (every head the same count: a DenseStore) or a mask
-(head-wise budgets: a RaggedStore); `key_channels` names the channels its prompt keys keep (a PrunedKeysStore);
-`kv_bits` wraps whatever it became in a QuantizedStore. With a `decode_interval`, it also runs during decoding:
+(head-wise budgets: a RaggedStore); its `holds` may turn that into a kind of its own (pruned key channels, a
+PrunedKeysStore); `kv_bits` wraps whatever it became in a QuantizedStore. With a `decode_interval`, it also runs during decoding:
 whenever a forward leaves a layer with more than budget + decode_interval entries (budget = the policy's
 keep_count), that layer is compressed back to the budget by the same selection, scored with the layer's most
 recent queries, which the cache keeps (the policy's `decode_queries()` says how many it reads).
@@ -22,7 +22,6 @@ import torch
 
 from ..timing import clock
 from .dense import DenseStore
-from .pruned_keys import PrunedKeysStore
 from .quantized import QuantizedStore
 from .ragged import RaggedStore
 from .store import GROWTH, Store
@@ -189,9 +188,7 @@ class KVCache:
         self._select(layer, queries)
         start = clock(self.device)
         compressor = self.compressor
-        if compressor.prunes_keys_at(layer):
-            channels = compressor.key_channels(layer, self.keys(layer), queries)
-            self.stores[layer] = PrunedKeysStore(self.stores[layer], channels)
+        self.stores[layer] = compressor.holds(layer, self.stores[layer], queries)
         if compressor.kv_bits is not None:
             self.stores[layer] = self.stores[layer].wrapped(lambda store: QuantizedStore(
                 store, compressor.kv_bits, compressor.kv_group_size, compressor.kv_residual))
