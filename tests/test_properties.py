@@ -118,8 +118,9 @@ def test_eval_ppl_runs_or_says_what_is_wrong_in_one_line(tiny_checkpoint, tmp_pa
 # --- no policy hands NaN scores to the selection -------------------------------------------------------------
 
 # Settings that make every policy compress a prompt of 48-80 tokens; the rest are its defaults.
-SMALL_SETTINGS = {"lagkv": {"lag_size": 8, "n_sink": 2}, "duo_attention": {"sink_size": 4, "recent_size": 8,
-                                                                          "pattern_length": 16},
+# DuoAttention ranks per layer here: ranked over the model, the same head scores need the model's prefill.
+SMALL_SETTINGS = {"lagkv": {"lag_size": 8, "n_sink": 2},
+                  "duo_attention": {"sink_size": 4, "recent_size": 8, "pattern_length": 16, "head_ranking": "layer"},
                   "merging": {"merge_budget": 4}, "expected_attention": {"n_future_positions": 16}}
 CAPACITY = 40
 
