@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import random_ids
 from minipythia import COMPRESSORS, KVCache, Prefill, Pythia, PythiaConfig, SnapKV, build_compressor
-from minipythia.compressors.adakv import AdaKV
+from minipythia.compressors.adakv import AdaKV, adaptive_selection
 from minipythia.compressors.criticalkv import CriticalAdaKV, CriticalKV
 from minipythia.ragged_cache import RaggedKVCache
 
@@ -321,7 +321,6 @@ def test_criticaladakv_budgets_come_from_the_raw_scores():
     policy = CriticalAdaKV(max_capacity_prompt=C, alpha_safeguard=alpha)
     raw = policy.inner.score(0, k, v, q)
     counts = compress_one(policy, q, k, v, weight).lengths(0)
-    from minipythia.compressors.adakv import adaptive_selection
     assert torch.equal(counts, adaptive_selection(raw, C, alpha).sum(dim=-1))
     assert (counts < int(C * policy.first_stage_ratio)).any()  # a head below the composition's floor
     v2 = v.clone()

@@ -56,8 +56,8 @@ class DuoAttention(Compressor):
     0 .. L-1), per batch row. A layer's cache is set right after its own attention, before the later layers
     exist, so on the fly the model-wide ranking needs every layer's scores first: `prepare` records the
     prompt's uncompressed prefill (one more forward of the prompt, as KVzip's reconstruction) and ranks
-    from it; "layer" ranking needs no extra forward. kvpress's defaults on the fly are sink_size 128, recent_size 256 (kept here) and
-    head_compression_ratio 0 (here 0.5, 0 keeping everything). kvpress masks the streaming heads' middle
+    from it; "layer" ranking needs no extra forward. kvpress's defaults on the fly are sink_size 128,
+    recent_size 256 (kept here) and head_compression_ratio 0 (here 0.5, 0 keeping everything). kvpress masks the streaming heads' middle
     entries at attention time; here they are evicted (a ragged cache, minipythia.ragged_cache).
 
     Calibrated patterns: `pattern_file`, written by `python -m eval.calibrate_duo` from a few books (the
