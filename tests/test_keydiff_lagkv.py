@@ -230,16 +230,17 @@ def test_lagkv_always_keeps_the_sinks_and_the_tail(L):
 
 def lag_relative_by_hand(x, n_sink, lag):
     """The lag-relative score of each scored entry, entry by entry in float64: the entry min-max normalised
-    per channel over the next partition, its std over channels (Bessel-corrected, as torch.std), softmaxed
-    over its partition. x (L, D) -> (P - 1, lag)."""
+    per channel over the next partition (0 in a channel constant over it), its std over channels
+    (Bessel-corrected, as torch.std), softmaxed over its partition. x (L, D) -> (P - 1, lag)."""
     x = x.double()
     P = (x.size(0) - n_sink) // lag
     part = [x[n_sink + i * lag : n_sink + (i + 1) * lag] for i in range(P)]
     out = torch.empty(P - 1, lag, dtype=torch.float64)
     for i in range(P - 1):
         low, high = part[i + 1].min(dim=0).values, part[i + 1].max(dim=0).values
+        span = high - low
         for t in range(lag):
-            z = (part[i][t] - low) / (high - low)
+            z = torch.where(span > 0, (part[i][t] - low) / span, 0.0)  # a constant channel contributes 0
             out[i, t] = math.sqrt(((z - z.mean()) ** 2).sum() / (z.numel() - 1))
         out[i] = out[i].exp() / out[i].exp().sum()
     return out
@@ -280,19 +281,42 @@ def test_lagkv_keeps_what_stands_out_against_the_next_partition():
     assert kept[-lag:] == list(range(lag * lag - lag, lag * lag))  # and the tail
 
 
-def test_lagkv_constant_partitions_give_finite_scores():
+def test_lagkv_constant_values_leave_the_ranking_to_the_keys():
     """Repeated tokens can make a channel constant over a partition (0 / 0 in the normalisation, NaN in
-    kvpress); the ranks stay finite, so the sinks and the tail are still kept and each partition keeps its
-    latest entries."""
+    kvpress). Such a channel contributes 0: with every value the same, every entry's value spread is 0, the
+    value score uniform, and each partition keeps its best entries by the key score alone."""
     L, n_sink, lag = 44, 4, 8
     k = torch.randn(1, 2, L, 16, generator=torch.Generator().manual_seed(1))
-    v = torch.ones(1, 2, L, 16)  # every value the same: every lag-relative value score is NaN
+    v = torch.ones(1, 2, L, 16)
     policy = LagKV(max_capacity_prompt=n_sink + lag + 2 * 4, n_sink=n_sink, lag_size=lag)  # 2 per partition
+    assert torch.isfinite(policy.score(0, k, v, None)[..., n_sink : L - lag]).all()
+    positions = compress_one_layer(policy, k, v).positions(0)
+    for h in range(2):
+        by_keys = lag_relative_by_hand(k[0, h], n_sink, lag)  # (4, lag)
+        best = [n_sink + i * lag + t for i in range(4) for t in top_positions(by_keys[i], 2, gap=1e-6).tolist()]
+        assert positions[0, h].tolist() == list(range(n_sink)) + sorted(best) + list(range(L - lag, L))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lagkv_constant_channels_contribute_zero(seed):
+    """Dead key channels (zero over the whole prompt, as tiny-pg19 has) and a channel constant over one
+    partition only: the scores are those computed by hand with such a channel at 0, never NaN."""
+    L, n_sink, lag, D = 60, 4, 8, 16
+    k, v = random_kv(B=1, H=2, L=L, D=D, seed=seed)
+    k[:, 0, :, 3] = 0.0  # a dead channel in head 0
+    k[:, 1, n_sink + 2 * lag : n_sink + 3 * lag, 5] = 0.7  # constant over partition 2 (the reference of 1)
+    v[:, 1, :, :4] = -1.0
+    policy = LagKV(max_capacity_prompt=n_sink + lag + 6 * 3, n_sink=n_sink, lag_size=lag)
     scores = policy.score(0, k, v, None)
     assert not scores.isnan().any()
     positions = compress_one_layer(policy, k, v).positions(0)
-    expected = list(range(n_sink)) + [p for i in range(4) for p in (n_sink + i * lag + 6, n_sink + i * lag + 7)]
-    assert positions[0, 0].tolist() == expected + list(range(L - lag, L))
+    for h in range(2):
+        score = (lag_relative_by_hand(k[0, h], n_sink, lag) + lag_relative_by_hand(v[0, h], n_sink, lag)) / 2
+        kept = set(positions[0, h].tolist())
+        for i in range(score.size(0)):
+            start = n_sink + i * lag
+            assert {p - start for p in kept if start <= p < start + lag} == \
+                set(top_positions(score[i], 3, gap=1e-6).tolist()), (h, i)
 
 
 # --- end to end --------------------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
 """Property-based tests of the validators: whatever a user types, a command either runs or says in one line
-what is wrong (exit code 2), and the library raises ValueError / TypeError, never anything deeper."""
+what is wrong (exit code 2), and the library raises ValueError / TypeError, never anything deeper. And of the
+policies: whatever keys, values and queries a prompt leaves (constant and zero channels, zero vectors, repeated
+rows), no policy hands NaN scores to the selection."""
 
 import re
+from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eval.grid import ConfigError, parse_spec
-from minipythia import COMPRESSORS, build_compressor
+from minipythia import COMPRESSORS, KVCache, PythiaConfig, build_compressor
 from minipythia.cli import run_cli
+from minipythia.compressors.kvzip import reconstruction_attention
 from minipythia.compressors.settings import settings_of
 from minipythia.generate.__main__ import main as generate_main
 
@@ -106,3 +111,88 @@ def test_eval_ppl_runs_or_says_what_is_wrong_in_one_line(tiny_checkpoint, tmp_pa
     assert "Traceback" not in err
     if code == 2:
         assert len(re.findall(r"error: ", err)) == 1, err
+
+
+# --- no policy hands NaN scores to the selection -------------------------------------------------------------
+
+# Settings that make every policy compress a prompt of 48-80 tokens; the rest are its defaults.
+# DuoAttention ranks per layer here: ranked over the model, the same head scores need the model's prefill.
+SMALL_SETTINGS = {"lagkv": {"lag_size": 8, "n_sink": 2},
+                  "duo_attention": {"sink_size": 4, "recent_size": 8, "pattern_length": 16, "head_ranking": "layer"},
+                  "merging": {"merge_budget": 4}, "expected_attention": {"n_future_positions": 16}}
+CAPACITY = 40
+
+
+def degenerate_tensors(data, B, H, L, hs):
+    """Random queries, keys, values (B, nh, L, hs) spoiled the ways real caches are: channels constant or zero
+    over the whole prompt or a stretch of it (tiny-pg19 has dead key channels), zero vectors, repeated rows."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    q, k, v = (torch.randn(B, H, L, hs, generator=g) for _ in range(3))
+    for x in (q, k, v):
+        for _ in range(data.draw(st.integers(0, 4))):
+            kind = data.draw(st.sampled_from(["channel", "stretch", "zero_rows", "repeat", "all_zero"]))
+            h, c = data.draw(st.integers(0, H - 1)), data.draw(st.integers(0, hs - 1))
+            start = data.draw(st.integers(0, L - 2))
+            end = data.draw(st.integers(start + 1, L))
+            value = data.draw(st.sampled_from([0.0, 1.0, -2.5]))
+            if kind == "channel":
+                x[:, h, :, c] = value
+            elif kind == "stretch":
+                x[:, h, start:end, c] = value
+            elif kind == "zero_rows":
+                x[:, h, start:end] = 0.0
+            elif kind == "repeat":
+                x[:, h, start:end] = x[:, h, start : start + 1]
+            else:
+                x.zero_()
+    return q, k, v
+
+
+def fake_model(config, data):
+    """What prepare() reads of a model besides a forward (CriticalKV's output projections), some columns zero."""
+    w = torch.randn(config.hidden_size, config.hidden_size) / config.hidden_size ** 0.5
+    if data.draw(st.booleans(), label="dead output columns"):
+        w[:, : config.head_size] = 0.0
+    return SimpleNamespace(layers=[SimpleNamespace(attention=SimpleNamespace(dense=SimpleNamespace(weight=w)))
+                                   for _ in range(config.num_hidden_layers)])
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_no_policy_hands_nan_scores_to_the_selection(name, data):
+    B, H, hs = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 3)), data.draw(st.sampled_from([8, 16]))
+    L = data.draw(st.integers(48, 80))
+    config = PythiaConfig(vocab_size=8, hidden_size=H * hs, num_hidden_layers=2, num_attention_heads=H,
+                          intermediate_size=8, max_position_embeddings=128)
+    cls = COMPRESSORS[name]
+    own = {s.name for s in settings_of(cls)}
+    policy = build_compressor(name, {**({"max_capacity_prompt": CAPACITY} if "max_capacity_prompt" in own else {}),
+                                     **SMALL_SETTINGS.get(name, {})})
+    policy.for_model(config)
+    q, k, v = degenerate_tensors(data, B, H, L, hs)
+    layers = range(config.num_hidden_layers)  # the same tensors in each: per_layer's second policy, pyramidkv's
+    if name == "oracle":
+        policy.future_queries = dict.fromkeys(layers, degenerate_tensors(data, B, H, 8, hs)[0])
+    if name == "kvzip":  # its scores come from a reconstruction forward (prepare): its attention, on these keys
+        scores = reconstruction_attention(q[:, :, -16:], k[:, :, :4], k[:, :, 4:], k[:, :, -16:])
+        policy.reconstruction_scores = dict.fromkeys(
+            layers, torch.cat((torch.full((B, H, 4), float("inf")), scores), dim=-1))
+    else:
+        policy.prepare(fake_model(config, data), torch.zeros(B, L, dtype=torch.long))
+
+    handed = []
+    score = policy.score
+    policy.score = lambda *args: handed.append(score(*args)) or handed[-1]  # what the selection receives
+    cache = KVCache(config, B, compressor=policy)
+    for layer in layers:
+        cache.append(layer, k, v)
+        cache.after_attention(layer, q)
+    cache.advance(L)
+    for scores in handed:
+        assert scores.shape == (B, H, L) and not scores.isnan().any(), f"{name} scored NaN"
+    assert len(handed) == sum(policy.keep_count(layer, L) < L for layer in layers)
+    for layer in layers:
+        assert torch.isfinite(cache.values(layer)).all() and torch.isfinite(cache.keys(layer)).all()
+        positions = cache.positions(layer)
+        assert ((positions >= -1) & (positions < L)).all()

@@ -1,6 +1,7 @@
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -37,9 +38,11 @@ class DuoAttention(Compressor):
 
     Each head is either a retrieval head, which keeps every entry of the prompt, or a streaming head, which
     keeps the first `sink_size` (the attention sinks) and the last `recent_size` entries only (all of them
-    when the prompt has at most sink_size + recent_size tokens). In each layer the round(nh *
-    head_compression_ratio) heads of lowest head score stream (ties: the lower head first), the others
-    retrieve.
+    when the prompt has at most sink_size + recent_size tokens). The heads of lowest head score stream, the
+    others retrieve: with head_ranking = "model" (the official code's and kvpress's), the round(layers * nh *
+    head_compression_ratio) lowest of the whole model, so that layers stream different numbers of heads; with
+    "layer", the round(nh * head_compression_ratio) lowest of each layer. Ties: the lower layer, then the
+    lower head, first.
 
     The head score is kvpress's on-the-fly one (`duo_attention_on_the_fly`): take the layer's mean query and
     mean key before rotary, repeat each `pattern_length` times and rotate them at positions 0 ..
@@ -49,12 +52,13 @@ class DuoAttention(Compressor):
     nearby tokens has its mass at the end of the curve and scores near 0 (it streams first), one that
     attends far back scores near 1.
 
-    Deviations, deliberate: kvpress averages the queries and keys over 50 BookSum samples once per model,
-    and ranks all heads of the model together; here the means are over the prompt itself (its queries and
-    keys, un-rotated from their positions 0 .. L-1), per batch row, and the heads are ranked within each
-    layer (a layer's cache is set before the next layer is computed), so each layer streams the same share
-    of its heads. kvpress's defaults on the fly are sink_size 128, recent_size 256 (kept here) and
-    head_compression_ratio 0 (here 0.5, 0 keeping everything). kvpress masks the streaming heads' middle
+    Deviations, deliberate: kvpress averages the queries and keys over 50 BookSum samples once per model;
+    here the means are over the prompt itself (its queries and keys, un-rotated from their positions
+    0 .. L-1), per batch row. A layer's cache is set right after its own attention, before the later layers
+    exist, so on the fly the model-wide ranking needs every layer's scores first: `prepare` records the
+    prompt's uncompressed prefill (one more forward of the prompt, as KVzip's reconstruction) and ranks
+    from it; "layer" ranking needs no extra forward. kvpress's defaults on the fly are sink_size 128,
+    recent_size 256 (kept here) and head_compression_ratio 0 (here 0.5, 0 keeping everything). kvpress masks the streaming heads' middle
     entries at attention time; here they are evicted (a ragged cache, minipythia.ragged_cache).
 
     Calibrated patterns: `pattern_file`, written by `python -m eval.calibrate_duo` from a few books (the
@@ -64,13 +68,15 @@ class DuoAttention(Compressor):
     here. Head-wise budgets are set once, at the prefill: it does
     not compress during decoding.
 
-    `keep_count(layer, L)` is the average per head: (n_s * min(L, sink_size + recent_size) + (nh - n_s) * L)
-    // nh, n_s = round(nh * head_compression_ratio) the streaming heads.
+    `keep_count(layer, L)` is the average per head of the heads ranked together (the model's, or the
+    layer's): (n_s * min(L, sink_size + recent_size) + (N - n_s) * L) // N, N those heads, n_s =
+    round(N * head_compression_ratio) the streaming ones; with model-wide ranking a layer's real counts are
+    the cache's (`lengths`).
     """
 
     name = "duo_attention"
     label_names = {"head_compression_ratio": "hr", "sink_size": "sink", "recent_size": "rec",
-                   "pattern_length": "q", "pattern_file": "pattern"}
+                   "pattern_length": "q", "head_ranking": "by", "pattern_file": "pattern"}
     cannot_decode = ("its streaming and retrieval heads are chosen once, at the prefill, and a streaming head's "
                      "window is a prompt's")
     headwise = True
@@ -78,6 +84,7 @@ class DuoAttention(Compressor):
     sink_size: int = 128  # kvpress's on-the-fly default
     recent_size: int = 256  # kvpress's on-the-fly default
     pattern_length: int = 500  # kvpress's q_len: the positions of the repeated mean query and key
+    head_ranking: Literal["model", "layer"] = "model"  # which heads compete for streaming: kvpress's is the model
     # A calibrated head pattern (python -m eval.calibrate_duo): its per-head scores replace the prompt's own.
     pattern_file: str | None = None
 
@@ -96,23 +103,50 @@ class DuoAttention(Compressor):
 
     def for_model(self, config):
         self._config = config
+        self._streaming = None  # (B or 1, layers, nh), which heads stream, with model-wide ranking
         if self._calibrated is not None:
             shape = (config.num_hidden_layers, config.num_attention_heads)
             if tuple(self._calibrated.shape) != shape:
                 raise ValueError(f"{self.pattern_file} holds head scores of shape {tuple(self._calibrated.shape)}, "
                                  f"not this model's (layers, heads) = {shape}; calibrate it for this model")
+            if self.head_ranking == "model":
+                self._streaming = self.lowest_heads(self._calibrated[None])
 
-    def streaming_heads(self, n_head: int) -> int:
-        return round(n_head * self.head_compression_ratio)
-
-    def keep_count(self, layer, seq_len):
+    def ranked_heads(self) -> int:
+        """How many heads compete for streaming: the model's, or a layer's."""
         config = getattr(self, "_config", None)
         if config is None:
             raise ValueError("duo_attention needs the model's config (for_model) to count its heads")
         nh = config.num_attention_heads
-        n_s = self.streaming_heads(nh)
+        return nh * config.num_hidden_layers if self.head_ranking == "model" else nh
+
+    def lowest_heads(self, scores: torch.Tensor) -> torch.Tensor:
+        """Head scores (B, ...) -> BoolTensor (B, ...): the round(N * head_compression_ratio) lowest of each batch
+        row's N heads stream, ties to the earlier (lower layer, then lower head)."""
+        flat = scores.reshape(scores.size(0), -1)
+        n_s = round(flat.size(1) * self.head_compression_ratio)
+        streaming = torch.zeros_like(flat, dtype=torch.bool)
+        streaming.scatter_(-1, flat.argsort(dim=-1, stable=True)[:, :n_s], True)
+        return streaming.reshape(scores.shape)
+
+    def keep_count(self, layer, seq_len):
+        N = self.ranked_heads()
+        n_s = round(N * self.head_compression_ratio)
         window = min(seq_len, self.sink_size + self.recent_size)
-        return (n_s * window + (nh - n_s) * seq_len) // nh
+        return (n_s * window + (N - n_s) * seq_len) // N
+
+    def prepare(self, model, input_ids):
+        """Model-wide ranking on the fly: every layer's head scores, from the prompt's uncompressed prefill."""
+        if self.head_ranking != "model" or self._calibrated is not None:
+            return
+        self._streaming = None
+        if self.keep_count(0, input_ids.size(1)) >= input_ids.size(1):
+            return  # nothing will be evicted: no scores needed
+        from ..prefill import Prefill  # the prefill imports the cache, which imports the compressors
+
+        prefill = Prefill.record(model, input_ids)
+        scores = torch.stack([self.head_scores(k, q) for k, q in zip(prefill.keys, prefill.queries)], dim=1)
+        self._streaming = self.lowest_heads(scores)  # (B, layers, nh)
 
     def head_scores(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """keys, queries (B, nh, L, hs), rotated at positions 0 .. L-1 -> kvpress's on-the-fly score (B, nh)."""
@@ -140,11 +174,15 @@ class DuoAttention(Compressor):
 
     def select(self, layer, scores, keep):
         B, H, L = scores.shape
-        n_s = self.streaming_heads(H)
-        streaming = torch.zeros(B, H, dtype=torch.bool, device=scores.device)
-        if n_s > 0:
-            order = scores[..., 0].argsort(dim=-1, stable=True)[:, :n_s]
-            streaming.scatter_(-1, order, True)
+        if self.head_ranking == "layer":
+            streaming = self.lowest_heads(scores[..., 0])
+        else:
+            ranked = getattr(self, "_streaming", None)
+            if ranked is None or ranked.size(0) not in (1, B):
+                raise ValueError("duo_attention ranks heads over the whole model from every layer's scores: "
+                                 "prepare(model, input_ids) computes them before a prefill (model(ids, cache=...) "
+                                 "and Prefill.replay call it), or use head_ranking='layer'")
+            streaming = ranked[:, layer].to(scores.device).expand(B, H)
         pos = torch.arange(L, device=scores.device)
         window = (pos < self.sink_size) | (pos >= L - self.recent_size)  # (L,)
         return ~streaming[..., None] | window

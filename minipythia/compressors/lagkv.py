@@ -25,7 +25,9 @@ class LagKV(CapacityBudget, Compressor):
     Deviations, deliberate: kvpress keeps int(L * (1 - compression_ratio)) entries; here a fixed capacity,
     which must hold the sinks and the longest kept tail (n_sink + 2 * lag_size - 1 entries), since kvpress
     would otherwise drop an arbitrary part of them. Where kvpress leaves equal ranks of different partitions
-    to top-k's arbitrary order, the later partition's entry is kept first. Scores are computed in float32
+    to top-k's arbitrary order, the later partition's entry is kept first. A channel constant over the next
+    partition contributes 0 to the normalised entries (kvpress: 0 / 0, NaN scores for the whole partition and
+    an arbitrary selection; see lag_relative_spread). Scores are computed in float32
     whatever the cache's dtype. kvpress's experimental `cross_scoring` (raw scores compared across
     partitions, meant for its head-adaptive AdaKV) is not offered. The paper's own cache keeps a fraction of
     each partition as decoding fills it (sink 16, lag 1024 by default); the defaults here are kvpress's.
@@ -75,8 +77,11 @@ class LagKV(CapacityBudget, Compressor):
 def lag_relative_spread(x: torch.Tensor) -> torch.Tensor:
     """x (B, H, P, lag, D), P partitions -> (B, H, P - 1, lag): for each entry of partitions 0 .. P-2, the
     std over channels of the entry min-max normalised by the next partition's per-channel range, softmaxed
-    over its partition. A channel constant over the next partition makes its whole partition NaN, as in
-    kvpress; the ranks taken from it stay finite (NaN sorts highest)."""
+    over its partition. A channel constant over the next partition (a dead key channel, repeated tokens) has
+    no range to normalise by: it contributes 0 to every entry, where kvpress divides by zero and the NaN
+    spreads over the whole partition (its top-k is then arbitrary)."""
     reference = x[:, :, 1:]
     low, high = reference.amin(dim=3, keepdim=True), reference.amax(dim=3, keepdim=True)
-    return ((x[:, :, :-1] - low) / (high - low)).std(dim=-1).softmax(dim=-1)
+    constant = high == low
+    normalised = (x[:, :, :-1] - low) / (high - low).masked_fill(constant, 1.0)
+    return normalised.masked_fill(constant, 0.0).std(dim=-1).softmax(dim=-1)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from .base import Compressor
 from .registry import COMPRESSORS, build_policy, policy_name
+from .settings import Policy
 
 
 class OverScorer:
-    scorer: str
+    scorer: Policy
     max_capacity_prompt: int
 
     def refused_scorer(self, cls: type[Compressor]) -> str | None:
