@@ -63,7 +63,8 @@ def build_parser(argv) -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="PPL (and speed) of a grid of policies and settings from a YAML file: a folder "
                                      "per configuration in OUT, and OUT/report.md")
-    p.add_argument("config", help="the sweep's YAML file, e.g. eval/configs/compact.yaml (format: eval/grid.py)")
+    p.add_argument("config", help="the sweep's YAML file, e.g. eval/configs/compact.yaml (format: eval/grid.py), "
+                                  "or a shipped config's name: compact, full, ...")
     p.add_argument("--out", default=None, help="results directory (default: results/<config name>); a rerun "
                                                "resumes, skipping the configurations already complete")
     p.add_argument("--model", nargs="+", default=None, help="overrides the config's model(s)")
@@ -364,5 +365,10 @@ def main(argv=None):
                 print(write_report(args.dir, args.budget))
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (pyproject.toml's [project.scripts])."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

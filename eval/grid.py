@@ -124,10 +124,29 @@ class Grid:
     skipped: list[dict]  # {"compressor", "settings", "reason"} of the combinations that were not run
 
 
+# The sweep files that ship with the package (eval/configs in a clone, package data when installed).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """A sweep file by path, else a shipped one by name (`compact` or `compact.yaml`), so that an installed
+    package runs `minipythia-eval sweep compact` from any directory."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else path.name + ".yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"sweep config {str(name)!r} does not exist; give a YAML file or a shipped config's name "
+                      f"({', '.join(shipped_config_names())})")
+
+
 def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {str(path)!r} does not exist")
+    path = find_config(path)
     return parse_spec(path.read_text(encoding="utf-8"), path)
 
 
