@@ -18,6 +18,7 @@ from .grid import distance_from_defaults, folder_name
 from .markdown import table
 from .ppl import PPL_RECORD_KEYS
 from .results import append_jsonl, read_json, read_jsonl, write_json, write_text
+from .results_csv import write_results_csv
 from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
 from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
 
@@ -410,6 +411,8 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     window_prompt = group[0]["ctx_len"] - group[0]["stride"] if group and group[0]["stride"] else None
     lines += claims_section(results.configs, complete_ppl(group), window_prompt,
                             [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
+    lines += ["The figures above as one tidy table (a row per configuration and metric): `results.csv`.", ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
+    write_results_csv(out, results)
     return path

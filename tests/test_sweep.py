@@ -281,6 +281,37 @@ def test_report_of_a_sweep(swept, tiny_checkpoint):
     assert run_cli(main, ["report", str(out)]) == 0 and (out / "report.md").read_text() == report
 
 
+def test_results_csv_is_one_tidy_table_of_the_records(swept):
+    """results.csv: PPL per book and overall from the NLL sums of ppl.jsonl, the change vs none, and the speed
+    rows of speed.jsonl, a row per configuration x metric (x book, x prompt length)."""
+    import csv
+    import math
+
+    out = swept[0] / "out"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert list(rows[0]) == ["model", "revision", "config", "compressor", "kept_per_head", "kv_bytes", "metric",
+                             "book", "prompt_len", "value"]
+    assert list(dict.fromkeys(r["config"] for r in rows)) == LABELS
+
+    def value(config, metric, book="", prompt_len=""):
+        found = [r for r in rows if (r["config"], r["metric"], r["book"], r["prompt_len"]) ==
+                 (config, metric, book, prompt_len)]
+        assert len(found) == 1, (config, metric, book, prompt_len)
+        return float(found[0]["value"])
+
+    records = {label: read_jsonl(out / label / "ppl.jsonl") for label in LABELS}
+    for label in LABELS:
+        nll, tokens = sum(r["nll_sum"] for r in records[label]), sum(r["tokens"] for r in records[label])
+        assert value(label, "ppl") == pytest.approx(math.exp(nll / tokens), rel=1e-12)
+        for r in records[label]:
+            assert value(label, "ppl", book=r["book"]) == pytest.approx(math.exp(r["nll_sum"] / r["tokens"]))
+        for r in read_jsonl(out / label / "speed.jsonl"):
+            assert value(label, "tpot_ms", prompt_len=str(r["prompt_len"])) == pytest.approx(r["tpot_ms"])
+    assert value("knorm_r0.5", "ppl_vs_none") == pytest.approx(value("knorm_r0.5", "ppl") / value("none", "ppl") - 1)
+    assert not [r for r in rows if r["config"] == "none" and r["metric"] == "ppl_vs_none"]
+    assert {float(r["kept_per_head"]) for r in rows if r["config"] == "snapkv_w4_c24_k5_avgpool"} == {24}
+
+
 # --- the seed-claims table from known results ------------------------------------------------------------------
 
 
