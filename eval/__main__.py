@@ -51,8 +51,10 @@ def int_list(text: str) -> list[int]:
 
 
 def add_data_args(parser, required: bool):
-    parser.add_argument("--data", nargs="+", required=required, metavar="pg19|DIR|FILE",
-                        help="'pg19' ($PG19_DIR, else the HF test split), a directory of .txt books, or .txt files")
+    parser.add_argument("--data", nargs="+", required=required, metavar="pg19|wikitext-2|hf:NAME|DIR|FILE",
+                        help="'pg19' ($PG19_DIR, else the HF test split), 'wikitext-2' or 'wikitext-103' (the raw test "
+                             "split as one text), hf:NAME[:CONFIG][#COLUMN] (a hub or local dataset, a book per row), "
+                             "a directory of .txt books, or .txt files")
     parser.add_argument("--books", type=int, default=None, help="only the first N books")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the checkpoint)")
 

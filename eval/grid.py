@@ -3,7 +3,9 @@ a grid of policies, and its expansion into compressors.
 
     model: weights/tiny-pg19        # optional; --model overrides (default: as for every CLI); a list is an axis
     revision: [step1000, step143000]  # optional: hub revisions (training checkpoints); a list is an axis
-    data: pg19                      # 'pg19', a directory of .txt books or a list of .txt files; --data overrides
+    data: pg19                      # pg19, wikitext-2, wikitext-103, hf:NAME[:CONFIG][#COLUMN], a directory of .txt
+                                    # books or a list of .txt files (eval/data.py); --data overrides
+    books: 4                        # optional: only the first N books (default all); --books overrides
     ctx_len: 1024                   # optional; default: the model's trained length, at most 2048
     stride: 256                     # optional; default: ctx_len / 4
     max_tokens: 8192                # each book's first N tokens (default 8192); null scores whole books

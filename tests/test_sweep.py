@@ -115,6 +115,21 @@ def test_bad_config_is_one_error_line_and_exit_code_2(tmp_path, capsys, text, me
     assert not (tmp_path / "out").exists()
 
 
+def test_a_shipped_config_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    """`sweep compact` (or compact.yaml) is the shipped file wherever the command runs; a file of that name in
+    the working directory comes first; an unknown name is one line listing the shipped ones."""
+    from eval.grid import SHIPPED_CONFIGS, load_spec
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("compact", "compact.yaml"):
+        assert load_spec(name).path == SHIPPED_CONFIGS / "compact.yaml"
+    (tmp_path / "compact.yaml").write_text("policies: [{compressor: none}]")
+    assert load_spec("compact.yaml").path == Path("compact.yaml")
+    assert run_cli(main, ["sweep", "nonesuch", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sweep config 'nonesuch' does not exist" in err and "compact-all, full" in err and "\n" not in err
+
+
 def test_bad_config_exit_code_from_the_command_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("policies:\n  - {compressor: snapkv\n")
     r = subprocess.run([sys.executable, "-m", "eval", "sweep", str(tmp_path / "bad.yaml")], cwd=REPO,
