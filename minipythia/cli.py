@@ -58,7 +58,7 @@ def resolve_model(model: str | None, revision: str | None = None) -> ModelChoice
         if not (EMBEDDED_MODEL / "config.json").is_file():
             raise
         print(f"note: {DEFAULT_MODEL} is neither cached nor reachable ({str(e).split(';')[0]}); using the "
-              f"embedded {EMBEDDED_MODEL.parent.name}/{EMBEDDED_MODEL.name} instead", file=sys.stderr)
+              f"embedded {EMBEDDED_MODEL.name} ({EMBEDDED_MODEL}) instead", file=sys.stderr)
         return ModelChoice(EMBEDDED_MODEL, f"weights/{EMBEDDED_MODEL.name}", None)
 
 
