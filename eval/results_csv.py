@@ -5,7 +5,8 @@ One row per configuration x metric (x book for PPL per book, x prompt length for
     model, revision, config, compressor, kept_per_head, kv_bytes, metric, book, prompt_len, value
 
 metric is one of
-    ppl               exp(total NLL / total tokens): over the books the configuration finished (book empty), or of one book
+    ppl               exp(total NLL / total tokens): over the books the configuration finished (book empty), or
+                      of one book
     ppl_vs_none       PPL / none's PPL - 1, over the books both finished (book empty)
     retained_ppl      PPL's retained (docs/tasks.md); retained_ppl_key_tokens on the key tokens alone
     retained_TASK     a task's retained (recall, needle, continuation, ...)
@@ -63,7 +64,8 @@ def result_rows(out: Path, results) -> list[dict]:
             row("retained_ppl", ppl_retained(mine))
             row("retained_ppl_key_tokens", ppl_retained(mine, key_tokens=True))
         for task in task_names(results.tasks):
-            row(f"retained_{task}", retained_of([r for r in results.tasks if r["label"] == label and r["task"] == task]))
+            mine_of_task = [r for r in results.tasks if r["label"] == label and r["task"] == task]
+            row(f"retained_{task}", retained_of(mine_of_task))
         for r in results.speed:
             if r["engine"] == "minipythia" and r["label"] == label:
                 for metric in SPEED_METRICS:
