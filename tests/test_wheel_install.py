@@ -98,7 +98,7 @@ def test_the_installed_wheel_generates_and_sweeps_offline_from_another_directory
     (elsewhere / "books").mkdir()
     (elsewhere / "books" / "a.txt").write_text("The old men read long books by the sea. " * 60)
     (elsewhere / "small.yaml").write_text("data: books\nctx_len: 96\nstride: 32\nmax_tokens: 200\n"
-                                          "speed: {prompt_lengths: [64], new_tokens: 2, repeats: 1}\n"
+                                          "speed: {prompt_lengths: [64], new_tokens: 5, repeats: 1}\n"
                                           "policies:\n  - {compressor: none}\n  - {compressor: snapkv, "
                                           "max_capacity_prompt: 32, window_size: 8}\n")
     r = run([str(env_dir / "bin" / "minipythia-eval"), "sweep", "small.yaml", "--out", "out"], cwd=elsewhere, env=env)
