@@ -3,7 +3,7 @@
 `--data pg19` reads $PG19_DIR when it is set, else the parquet mirror of the PG-19 test split; `wikitext-2` and
 `wikitext-103` are WikiText's raw test splits, each one document (its lines joined, as WikiText perplexity is
 usually reported); `hf:NAME[:CONFIG][#COLUMN]` is any dataset `datasets.load_dataset` reads, a hub id or a local
-folder of data files, each row of its test split a book (column `text` unless named). Hub data is downloaded
+folder of data files, each non-empty row of its test split a book (column `text` unless named). Hub data is downloaded
 once into the Hugging Face cache (HF_HUB_OFFLINE=1 reads it there); when it cannot be had the error says so in
 one line, and a sweep goes on without PPL (its tasks on sampled text). Offline, point --data at a directory.
 """
@@ -135,6 +135,8 @@ def _from_hub(dataset: HubText, books: int | None) -> list[Book]:
         urls = rows["url"] if "url" in rows.column_names else [None] * len(texts)
         found = []
         for i, (text, title, url) in enumerate(zip(texts, titles, urls)):
+            if not (text or "").strip():
+                continue  # an empty row is no book (it has no token to score)
             name = title or (url.rstrip("/").rsplit("/", 1)[-1] if url else f"{dataset.split}-{i}")
             found.append(Book(name, text, f"{dataset.label}:{url or name}"))
     if not found or not any(b.text.strip() for b in found):
