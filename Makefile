@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU wheel of torch (a plain `torch` resolves to a multi-GB CUDA build on Linux).
-TORCH  ?= torch==2.13.0
+# torch, installed first: TORCH is a requirement or a wheel file/URL, TORCH_INDEX the index it comes from (empty:
+# pip's configured one). PyPI's Linux torch is the CUDA build and pulls the nvidia-* CUDA libraries with it;
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU-only build instead.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 
 # Empty: EleutherAI/pythia-70m-deduped when cached or reachable, else the embedded weights/tiny-pg19.
 MODEL ?=
@@ -17,7 +20,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[test,ray]"
 	touch $@
 

@@ -51,8 +51,10 @@ def int_list(text: str) -> list[int]:
 
 
 def add_data_args(parser, required: bool):
-    parser.add_argument("--data", nargs="+", required=required, metavar="pg19|DIR|FILE",
-                        help="'pg19' ($PG19_DIR, else the HF test split), a directory of .txt books, or .txt files")
+    parser.add_argument("--data", nargs="+", required=required, metavar="pg19|wikitext-2|hf:NAME|DIR|FILE",
+                        help="'pg19' ($PG19_DIR, else the HF test split), 'wikitext-2' or 'wikitext-103' (the raw test "
+                             "split as one text), hf:NAME[:CONFIG][#COLUMN] (a hub or local dataset, a book per row), "
+                             "a directory of .txt books, or .txt files")
     parser.add_argument("--books", type=int, default=None, help="only the first N books")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one in the checkpoint)")
 
@@ -63,7 +65,8 @@ def build_parser(argv) -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="PPL (and speed) of a grid of policies and settings from a YAML file: a folder "
                                      "per configuration in OUT, and OUT/report.md")
-    p.add_argument("config", help="the sweep's YAML file, e.g. eval/configs/compact.yaml (format: eval/grid.py)")
+    p.add_argument("config", help="the sweep's YAML file, e.g. eval/configs/compact.yaml (format: eval/grid.py), "
+                                  "or a shipped config's name: compact, full, ...")
     p.add_argument("--out", default=None, help="results directory (default: results/<config name>); a rerun "
                                                "resumes, skipping the configurations already complete")
     p.add_argument("--model", nargs="+", default=None, help="overrides the config's model(s)")
@@ -364,5 +367,10 @@ def main(argv=None):
                 print(write_report(args.dir, args.budget))
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (pyproject.toml's [project.scripts])."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,7 +1,11 @@
-"""Eval text: PG-19 books from a local directory of .txt files, listed files, or the Hugging Face mirror.
+"""Eval text: books from a local directory of .txt files, listed files, or a text dataset of the Hugging Face hub.
 
-`--data pg19` reads $PG19_DIR when it is set, else the parquet mirror of the PG-19 test split through
-`datasets` (streamed, so `--books N` fetches only N books). Offline, point --data at a directory.
+`--data pg19` reads $PG19_DIR when it is set, else the parquet mirror of the PG-19 test split; `wikitext-2` and
+`wikitext-103` are WikiText's raw test splits, each one document (its lines joined, as WikiText perplexity is
+usually reported); `hf:NAME[:CONFIG][#COLUMN]` is any dataset `datasets.load_dataset` reads, a hub id or a local
+folder of data files, each non-empty row of its test split a book (column `text` unless named). Hub data is downloaded
+once into the Hugging Face cache (HF_HUB_OFFLINE=1 reads it there); when it cannot be had the error says so in
+one line, and a sweep goes on without PPL (its tasks on sampled text). Offline, point --data at a directory.
 """
 
 from __future__ import annotations
@@ -14,6 +18,29 @@ from pathlib import Path
 import torch
 
 PG19_HUB = "emozilla/pg19-test"
+
+
+@dataclass(frozen=True)
+class HubText:
+    """A text dataset `datasets.load_dataset` reads, and how its rows become books."""
+    name: str  # hub id or local folder
+    config: str | None = None
+    column: str = "text"
+    joined: bool = False  # all rows one document, named after the dataset (WikiText's rows are its lines)
+    title_column: str | None = None  # a row's book name (else the row's number)
+    split: str = "test"
+
+    @property
+    def label(self) -> str:
+        return self.name + (f":{self.config}" if self.config else "")
+
+
+# --data names of the datasets we know, beside hf:NAME[:CONFIG][#COLUMN].
+NAMED_DATA = {
+    "pg19": HubText(PG19_HUB, title_column="short_book_title"),
+    "wikitext-2": HubText("Salesforce/wikitext", "wikitext-2-raw-v1", joined=True),
+    "wikitext-103": HubText("Salesforce/wikitext", "wikitext-103-raw-v1", joined=True),
+}
 
 
 class DataError(ValueError):
@@ -32,9 +59,10 @@ def load_books(data: list[str] | str, books: int | None = None) -> list[Book]:
     data = [data] if isinstance(data, str) else list(data)
     if books is not None and books < 1:
         raise DataError(f"--books must be >= 1, got {books}")
-    if data == ["pg19"]:
-        local = os.environ.get("PG19_DIR")
-        found = _from_dir(Path(local), books) if local else _from_hub(books)
+    if data == ["pg19"] and os.environ.get("PG19_DIR"):
+        found = _from_dir(Path(os.environ["PG19_DIR"]), books)
+    elif len(data) == 1 and (data[0] in NAMED_DATA or data[0].startswith("hf:")):
+        found = _from_hub(hub_text(data[0]), books)
     elif len(data) == 1 and Path(data[0]).is_dir():
         found = _from_dir(Path(data[0]), books)
     else:
@@ -42,8 +70,8 @@ def load_books(data: list[str] | str, books: int | None = None) -> list[Book]:
             if Path(f).is_dir():
                 raise DataError(f"--data takes one directory or a list of files; {f!r} is a directory among others")
             if not Path(f).is_file():
-                raise DataError(f"data {f!r} does not exist (--data takes 'pg19', a directory of .txt books, "
-                                f"or .txt files)")
+                raise DataError(f"data {f!r} does not exist (--data takes {', '.join(NAMED_DATA)}, "
+                                f"hf:NAME[:CONFIG][#COLUMN], a directory of .txt books, or .txt files)")
         found = [_read(Path(f)) for f in data][:books]
     names = [b.name for b in found]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -68,29 +96,62 @@ def _from_dir(directory: Path, books: int | None) -> list[Book]:
     return [_read(f) for f in files[:books]]
 
 
-def _from_hub(books: int | None) -> list[Book]:
+def hub_text(data: str) -> HubText:
+    """A --data name (pg19, wikitext-2, ...) or hf:NAME[:CONFIG][#COLUMN] as the dataset it names."""
+    if data in NAMED_DATA:
+        return NAMED_DATA[data]
+    spec, _, column = data.removeprefix("hf:").partition("#")
+    name, _, config = spec.partition(":")
+    if not name:
+        raise DataError(f"--data {data!r}: give hf:NAME[:CONFIG][#COLUMN], e.g. "
+                        f"hf:Salesforce/wikitext:wikitext-2-raw-v1")
+    return HubText(name, config or None, column or "text")
+
+
+def _from_hub(dataset: HubText, books: int | None) -> list[Book]:
+    """The dataset's test split, downloaded once into the Hugging Face cache (not streamed: a rerun reads the
+    books from there, offline too); its first `books` rows, or all of them joined into one document."""
+    how = "pass a local directory of .txt books with --data DIR" + (" (or set PG19_DIR)" if dataset.name == PG19_HUB
+                                                                      else "")
     try:
         from datasets import load_dataset
 
-        rows = load_dataset(PG19_HUB, split="test", streaming=True)
-        found = []
-        for row in rows:
-            if books is not None and len(found) == books:
-                break
-            name = row.get("short_book_title") or row["url"].rstrip("/").rsplit("/", 1)[-1]
-            found.append(Book(name, row["text"], f"{PG19_HUB}:{row.get('url', name)}"))
+        split = dataset.split if books is None or dataset.joined else f"{dataset.split}[:{books}]"
+        rows = load_dataset(dataset.name, dataset.config, split=split)
     except Exception as e:  # offline, no `datasets`, hub errors: all mean the same thing to the user
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot load PG-19 ({PG19_HUB}) through datasets ({reason}); pass a local directory "
-                        f"of .txt books with --data DIR (or set PG19_DIR)") from None
-    if not found:
-        raise DataError(f"{PG19_HUB} returned no books")
-    return found
+        raise DataError(f"cannot load {dataset.label} through datasets ({reason}); {how}") from None
+    if dataset.column not in rows.column_names:
+        raise DataError(f"{dataset.label} has no column {dataset.column!r} (its columns: "
+                        f"{', '.join(rows.column_names)}); name the text column: hf:{dataset.label}#COLUMN")
+    texts = rows[dataset.column]
+    if dataset.joined:
+        # WikiText's rows are its lines (headings, paragraphs, blank ones): one text, joined by blank lines as in
+        # transformers' perplexity guide, the usual protocol for sliding-window PPL on WikiText.
+        name = dataset.config or Path(dataset.name).name
+        found = [Book(name, "\n\n".join(texts), f"{dataset.label}:{dataset.split}")]
+    else:
+        titles = rows[dataset.title_column] if dataset.title_column in rows.column_names else [None] * len(texts)
+        urls = rows["url"] if "url" in rows.column_names else [None] * len(texts)
+        found = []
+        for i, (text, title, url) in enumerate(zip(texts, titles, urls)):
+            if not (text or "").strip():
+                continue  # an empty row is no book (it has no token to score)
+            name = title or (url.rstrip("/").rsplit("/", 1)[-1] if url else f"{dataset.split}-{i}")
+            found.append(Book(name, text, f"{dataset.label}:{url or name}"))
+    if not found or not any(b.text.strip() for b in found):
+        raise DataError(f"{dataset.label} returned no text in its {dataset.split} split; {how}")
+    return found[:books]
 
 
 def book_origin(source: str) -> str:
     """Where a book came from, for reports: the dataset, or the directory of its file."""
-    return PG19_HUB if source.startswith(PG19_HUB + ":") else str(Path(source).parent)
+    if Path(source).is_file():
+        return str(Path(source).parent)
+    for dataset in NAMED_DATA.values():
+        if source.startswith(dataset.label + ":"):
+            return dataset.label
+    return source.rsplit(":", 1)[0] if ":" in source else str(Path(source).parent)
 
 
 def describe_books(books: list[Book], max_tokens: int | None) -> str:

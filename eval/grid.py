@@ -3,7 +3,9 @@ a grid of policies, and its expansion into compressors.
 
     model: weights/tiny-pg19        # optional; --model overrides (default: as for every CLI); a list is an axis
     revision: [step1000, step143000]  # optional: hub revisions (training checkpoints); a list is an axis
-    data: pg19                      # 'pg19', a directory of .txt books or a list of .txt files; --data overrides
+    data: pg19                      # pg19, wikitext-2, wikitext-103, hf:NAME[:CONFIG][#COLUMN], a directory of .txt
+                                    # books or a list of .txt files (eval/data.py); --data overrides
+    books: 4                        # optional: only the first N books (default all); --books overrides
     ctx_len: 1024                   # optional; default: the model's trained length, at most 2048
     stride: 256                     # optional; default: ctx_len / 4
     max_tokens: 8192                # each book's first N tokens (default 8192); null scores whole books
@@ -127,10 +129,29 @@ class Grid:
     skipped: list[dict]  # {"compressor", "settings", "reason"} of the combinations that were not run
 
 
+# The sweep files that ship with the package (eval/configs in a clone, package data when installed).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """A sweep file by path, else a shipped one by name (`compact` or `compact.yaml`), so that an installed
+    package runs `minipythia-eval sweep compact` from any directory."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else path.name + ".yaml")
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"sweep config {str(name)!r} does not exist; give a YAML file or a shipped config's name "
+                      f"({', '.join(shipped_config_names())})")
+
+
 def load_spec(path: str | Path) -> SweepSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep config {str(path)!r} does not exist")
+    path = find_config(path)
     return parse_spec(path.read_text(encoding="utf-8"), path)
 
 

@@ -245,6 +245,16 @@ def sliding_window_nll(model, ids: torch.Tensor, ctx_len: int = 2048, stride: in
 # What resuming and reporting read of a PPL record; one without them is quarantined (eval.results).
 PPL_RECORD_KEYS = ("book", "model", "dtype", "label", "compressor", "settings", "ctx_len", "stride", "max_tokens",
                    "tokens", "nll_sum")
+# What makes PPL records comparable: within a group of the same model, dtype, windows and truncation only.
+PPL_GROUP = ("model", "revision", "dtype", "mode", "decode_interval", "ctx_len", "stride", "max_tokens")
+
+
+def ppl_groups(records: list[dict]) -> list[list[dict]]:
+    """Records split by PPL_GROUP: PPLs are comparable only within a group."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r.get(k) for k in PPL_GROUP), []).append(r)
+    return list(groups.values())
 
 
 def record_key(r: dict) -> tuple:

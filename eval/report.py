@@ -16,12 +16,12 @@ from .data import book_origin
 from .budget import budget_axis, line_name
 from .grid import distance_from_defaults, folder_name
 from .markdown import table
-from .ppl import PPL_RECORD_KEYS
+from .ppl import PPL_RECORD_KEYS, ppl_groups
 from .results import append_jsonl, read_json, read_jsonl, write_json, write_text
+from .results_csv import write_results_csv
 from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
 from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
 
-PPL_GROUP = ("model", "revision", "dtype", "mode", "decode_interval", "ctx_len", "stride", "max_tokens")
 
 
 def _ppl(nll_sum: float, tokens: int) -> float:
@@ -36,14 +36,6 @@ def _group_title(r: dict) -> str:
     limit = "full books" if r["max_tokens"] is None else f"first {r['max_tokens']} tokens per book"
     revision = f" @ {r['revision']}" if r.get("revision") else ""
     return f"{r['model']}{revision}, {r['dtype']}, ctx_len {r['ctx_len']}, stride {r['stride']}, {limit}"
-
-
-def ppl_groups(records: list[dict]) -> list[list[dict]]:
-    """Records split by (model, dtype, windows, truncation): PPLs are comparable only within a group."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault(tuple(r.get(k) for k in PPL_GROUP), []).append(r)
-    return list(groups.values())
 
 
 def _kept(r: dict) -> str:
@@ -410,6 +402,8 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     window_prompt = group[0]["ctx_len"] - group[0]["stride"] if group and group[0]["stride"] else None
     lines += claims_section(results.configs, complete_ppl(group), window_prompt,
                             [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
+    lines += ["The figures above as one tidy table (a row per configuration and metric): `results.csv`.", ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
+    write_results_csv(out, results)
     return path

@@ -19,6 +19,7 @@ from .grid import ConfigError, folder_name
 from .markdown import table
 from .report import complete_ppl, load_sweep
 from .results import read_json, write_json, write_text
+from .results_csv import write_scale_csv
 from .tasks.report import ppl_retained, retained_of, task_names
 
 MAIN = "main"  # the folder of the default revision
@@ -107,6 +108,7 @@ def write_scale_report(out: Path) -> Path:
         lines += _plots(out, metric, members, [label for label in labels if label != "none"])
     path = out / "report.md"
     write_text(path, "\n".join(lines))
+    write_scale_csv(out, [out / m["folder"] for m in index["members"]])
     return path
 
 

@@ -25,7 +25,7 @@ from .weights import DEFAULT_MODEL, DTYPES, EMBEDDED_MODEL, ModelNotFoundError, 
 def add_model_args(parser: argparse.ArgumentParser):
     parser.add_argument("--model", default=None,
                         help=f"checkpoint directory, registry name (pythia-70m-deduped) or hub id (default: "
-                             f"{DEFAULT_MODEL} when cached or reachable, else the embedded weights/{EMBEDDED_MODEL.name})")
+                             f"{DEFAULT_MODEL} when cached or reachable, else the embedded {EMBEDDED_MODEL.name})")
     parser.add_argument("--revision", default=None, help="hub revision, e.g. step3000 (training checkpoints); for a "
                                                           "local directory, its subfolder of that name")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -58,7 +58,7 @@ def resolve_model(model: str | None, revision: str | None = None) -> ModelChoice
         if not (EMBEDDED_MODEL / "config.json").is_file():
             raise
         print(f"note: {DEFAULT_MODEL} is neither cached nor reachable ({str(e).split(';')[0]}); using the "
-              f"embedded {EMBEDDED_MODEL.parent.name}/{EMBEDDED_MODEL.name} instead", file=sys.stderr)
+              f"embedded {EMBEDDED_MODEL.name} ({EMBEDDED_MODEL}) instead", file=sys.stderr)
         return ModelChoice(EMBEDDED_MODEL, f"weights/{EMBEDDED_MODEL.name}", None)
 
 

@@ -28,5 +28,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (pyproject.toml's [project.scripts])."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

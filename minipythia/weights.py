@@ -18,11 +18,16 @@ from safetensors.torch import save_file
 
 from .config import PythiaConfig, hub_id
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Run from a clone (the source tree holds pyproject.toml), checkpoints live in its weights/; installed from a
+# wheel, in weights/ under the working directory (site-packages is no place for downloads).
+SOURCE_TREE = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else None
+WEIGHTS_DIR = SOURCE_TREE / "weights" if SOURCE_TREE else Path("weights")
 # What the CLIs load when --model is left out: real Pythia when it can be had, else the small model we
-# trained and ship (see weights/tiny-pg19/README.md), so every command runs offline.
+# trained and ship (see weights/tiny-pg19/README.md), so every command runs offline. A wheel carries it as
+# package data, minipythia/embedded/tiny-pg19 (pyproject.toml maps weights/ there).
 DEFAULT_MODEL = "EleutherAI/pythia-70m-deduped"
-EMBEDDED_MODEL = WEIGHTS_DIR / "tiny-pg19"
+EMBEDDED_MODEL = WEIGHTS_DIR / "tiny-pg19" if SOURCE_TREE else PACKAGE_DIR / "embedded" / "tiny-pg19"
 # The dtypes a model can be loaded in, by name (float16 overflows in Pythia's attention).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HUB_FILES = ["config.json", "tokenizer.json", "*.safetensors", "model.safetensors.index.json"]

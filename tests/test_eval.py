@@ -228,6 +228,58 @@ def test_pg19_offline_says_how_to_pass_a_directory(monkeypatch, books_dir):
     assert len(load_books(["pg19"])) == 3
 
 
+@pytest.fixture
+def local_dataset(tmp_path):
+    """A stand-in for a hub text dataset: a folder whose test split `datasets` reads from test.jsonl, rows of a
+    `body` column as WikiText has them (headings, lines, empty rows). Nothing is downloaded."""
+    import json
+
+    rows = ["", " = A heading = \n", "", " the quick brown fox jumps over a lazy dog . \n", " seven old men read . \n"]
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("".join(json.dumps({"body": r, "n": i}) + "\n" for i, r in enumerate(rows)))
+    return folder, rows
+
+
+def test_a_hub_text_dataset_by_name_and_column(local_dataset):
+    """hf:NAME#COLUMN: each non-empty row of the test split a book, in order, named by its row; --books the first
+    N rows; a column it lacks is one line naming its columns."""
+    folder, rows = local_dataset
+    books = load_books([f"hf:{folder}#body"])
+    assert [b.text for b in books] == [r for r in rows if r] and [b.name for b in books] == ["test-1", "test-3",
+                                                                                             "test-4"]
+    assert [b.text for b in load_books([f"hf:{folder}#body"], books=2)] == [rows[1]]
+    with pytest.raises(DataError, match=r"has no column 'text' \(its columns: body, n\)") as e:
+        load_books([f"hf:{folder}"])
+    assert "\n" not in str(e.value)
+
+
+def test_wikitext_is_its_test_split_as_one_document(local_dataset, monkeypatch):
+    """--data wikitext-2 reads its dataset's rows as one text joined by blank lines, whatever --books says; when
+    it cannot be loaded (offline, nothing cached) the error is one line naming the dataset and the way out."""
+    import eval.data
+
+    folder, rows = local_dataset
+    wikitext = eval.data.NAMED_DATA["wikitext-2"]
+    assert (wikitext.name, wikitext.config, wikitext.column) == ("Salesforce/wikitext", "wikitext-2-raw-v1", "text")
+    monkeypatch.setitem(eval.data.NAMED_DATA, "wikitext-2",
+                        eval.data.HubText(str(folder), column="body", joined=True))
+    for books in (None, 1):
+        [book] = load_books(["wikitext-2"], books=books)
+        assert book.text == "\n\n".join(rows) and book.name == "dataset"
+    monkeypatch.setitem(eval.data.NAMED_DATA, "wikitext-2", wikitext)
+
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'Salesforce/wikitext' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="cannot load Salesforce/wikitext:wikitext-2-raw-v1 .*--data DIR") as e:
+        load_books(["wikitext-2"])
+    assert "\n" not in str(e.value) and "PG19_DIR" not in str(e.value)
+
+
 @pytest.mark.skipif(pg19_dir() is None, reason="no local PG-19 books (../shared or $PG19_DIR)")
 @pytest.mark.skipif(pythia_tokenizer_path() is None, reason="no GPT-NeoX-20B tokenizer.json")
 def test_real_pg19_books_load_and_tokenize():

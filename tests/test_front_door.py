@@ -53,3 +53,20 @@ def test_the_policy_example_in_the_docs_is_the_tested_plugin():
     for doc in (ROOT / "README.md", ROOT / "docs" / "policies.md"):
         shown = next(b for b in python_blocks(doc) if "@register" in b)
         assert code_of(shown) == tested, doc
+
+
+def test_every_built_in_policy_is_exported_and_every_exported_policy_is_registered():
+    """`from minipythia import AdaKV` works for each class the README's compressor table names: the exports of
+    minipythia and minipythia.compressors and the registry's built-in policies are the same set of classes."""
+    import minipythia
+    import minipythia.compressors as compressors
+    from minipythia import COMPRESSORS, Compressor
+
+    built_in = {cls for cls in COMPRESSORS.values() if cls.__module__.startswith("minipythia.compressors.")}
+    for package in (minipythia, compressors):
+        exported = [getattr(package, name) for name in package.__all__]
+        exported_policies = {c for c in exported if isinstance(c, type) and issubclass(c, Compressor)
+                             and c.__dict__.get("name")}
+        assert exported_policies == built_in, package.__name__
+    readme_classes = re.findall(r"^\| `\w+` \| `(\w+)\(", (ROOT / "README.md").read_text(), flags=re.M)
+    assert len(readme_classes) >= 20 and all(hasattr(minipythia, c) for c in readme_classes), readme_classes

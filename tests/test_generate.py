@@ -102,6 +102,21 @@ def test_cli_streams_text_and_prints_stats(tiny_checkpoint):
     assert "TTFT" in r.stderr and "TPOT" in r.stderr and "after compression" in r.stderr
 
 
+def test_cli_no_echo_prints_the_generated_text_alone_and_warnings_after_it(tiny_checkpoint):
+    """--no-echo: the echoed run's output without the prompt; the positions warning (the prompt runs past the
+    model's trained positions) comes after the streamed text, on stderr, and names no other model."""
+    prompt = " ".join(["the quick brown fox"] * 80)  # > 256 tokens, the tiny checkpoint's positions
+    args = ("minipythia.generate", "--model", str(tiny_checkpoint), "--prompt", prompt, "--max-new-tokens", "6",
+            "--ignore-eos")
+    echoed, alone = run(*args), run(*args, "--no-echo")
+    assert echoed.returncode == 0 and alone.returncode == 0, alone.stderr
+    assert echoed.stdout == prompt + alone.stdout and alone.stdout.strip()
+    merged = subprocess.run([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+    assert merged.startswith(echoed.stdout) and merged[len(echoed.stdout):].startswith("warning: ")
+    assert "this model was trained on" in merged and "Pythia" not in merged
+
+
 def test_cli_same_seed_same_text(tiny_checkpoint, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("seven old men read")

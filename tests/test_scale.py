@@ -91,6 +91,14 @@ def test_the_report_sets_members_side_by_side(scale_out):
         expected.append(f"{100 * (ppl[label] / ppl['none'] - 1):+.2f}%")
     section = report.split("## PPL vs none")[1]
     assert f"| {label} | {' | '.join(expected)} |" in section
+    # OUT/results.csv: every member's rows under one header, the same change vs none
+    import csv
+
+    rows = list(csv.DictReader((scale_out / "results.csv").open()))
+    changes = [float(r["value"]) for r in rows if r["config"] == label and r["metric"] == "ppl_vs_none"]
+    assert [f"{100 * x:+.2f}%" for x in changes] == expected
+    assert [(Path(r["model"]).name, r["revision"]) for r in rows if r["config"] == label and
+            r["metric"] == "ppl_vs_none"] == [tuple(m.split("/")) for m in MEMBERS]
 
 
 def test_a_rerun_resumes_and_adds_nothing(scale_out, scale_grid, tmp_path):

@@ -115,6 +115,21 @@ def test_bad_config_is_one_error_line_and_exit_code_2(tmp_path, capsys, text, me
     assert not (tmp_path / "out").exists()
 
 
+def test_a_shipped_config_by_name_from_any_directory(tmp_path, monkeypatch, capsys):
+    """`sweep compact` (or compact.yaml) is the shipped file wherever the command runs; a file of that name in
+    the working directory comes first; an unknown name is one line listing the shipped ones."""
+    from eval.grid import SHIPPED_CONFIGS, load_spec
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("compact", "compact.yaml"):
+        assert load_spec(name).path == SHIPPED_CONFIGS / "compact.yaml"
+    (tmp_path / "compact.yaml").write_text("policies: [{compressor: none}]")
+    assert load_spec("compact.yaml").path == Path("compact.yaml")
+    assert run_cli(main, ["sweep", "nonesuch", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sweep config 'nonesuch' does not exist" in err and "compact-all, full" in err and "\n" not in err
+
+
 def test_bad_config_exit_code_from_the_command_line(tmp_path):
     (tmp_path / "bad.yaml").write_text("policies:\n  - {compressor: snapkv\n")
     r = subprocess.run([sys.executable, "-m", "eval", "sweep", str(tmp_path / "bad.yaml")], cwd=REPO,
@@ -279,6 +294,37 @@ def test_report_of_a_sweep(swept, tiny_checkpoint):
     assert "Not measured: these results have no SnapKV configuration with max_capacity_prompt 512" in report
     (out / "report.md").unlink()
     assert run_cli(main, ["report", str(out)]) == 0 and (out / "report.md").read_text() == report
+
+
+def test_results_csv_is_one_tidy_table_of_the_records(swept):
+    """results.csv: PPL per book and overall from the NLL sums of ppl.jsonl, the change vs none, and the speed
+    rows of speed.jsonl, a row per configuration x metric (x book, x prompt length)."""
+    import csv
+    import math
+
+    out = swept[0] / "out"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert list(rows[0]) == ["model", "revision", "config", "compressor", "kept_per_head", "kv_bytes", "metric",
+                             "book", "prompt_len", "value"]
+    assert list(dict.fromkeys(r["config"] for r in rows)) == LABELS
+
+    def value(config, metric, book="", prompt_len=""):
+        found = [r for r in rows if (r["config"], r["metric"], r["book"], r["prompt_len"]) ==
+                 (config, metric, book, prompt_len)]
+        assert len(found) == 1, (config, metric, book, prompt_len)
+        return float(found[0]["value"])
+
+    records = {label: read_jsonl(out / label / "ppl.jsonl") for label in LABELS}
+    for label in LABELS:
+        nll, tokens = sum(r["nll_sum"] for r in records[label]), sum(r["tokens"] for r in records[label])
+        assert value(label, "ppl") == pytest.approx(math.exp(nll / tokens), rel=1e-12)
+        for r in records[label]:
+            assert value(label, "ppl", book=r["book"]) == pytest.approx(math.exp(r["nll_sum"] / r["tokens"]))
+        for r in read_jsonl(out / label / "speed.jsonl"):
+            assert value(label, "tpot_ms", prompt_len=str(r["prompt_len"])) == pytest.approx(r["tpot_ms"])
+    assert value("knorm_r0.5", "ppl_vs_none") == pytest.approx(value("knorm_r0.5", "ppl") / value("none", "ppl") - 1)
+    assert not [r for r in rows if r["config"] == "none" and r["metric"] == "ppl_vs_none"]
+    assert {float(r["kept_per_head"]) for r in rows if r["config"] == "snapkv_w4_c24_k5_avgpool"} == {24}
 
 
 # --- the seed-claims table from known results ------------------------------------------------------------------

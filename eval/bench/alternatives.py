@@ -24,8 +24,8 @@ import time
 import torch
 import torch.nn as nn
 
-from eval.data import random_prompt
-from eval.speed import load_hf, measure, measure_hf
+from ..data import random_prompt
+from ..speed import load_hf, measure, measure_hf
 from minipythia import NoCompression, Pythia
 
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from eval.speed import load_hf
+from ..speed import load_hf
 from minipythia import Pythia, generate
 
 

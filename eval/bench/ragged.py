@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from eval.data import random_prompt
+from ..data import random_prompt
 from minipythia import SnapKV
 from minipythia.cli import add_model_args, load_for_inference, resolve_model
 from minipythia.compressors.adakv import AdaKV

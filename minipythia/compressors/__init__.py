@@ -1,6 +1,7 @@
 """KV-cache compression policies. A policy is one file in this folder: a `Compressor` dataclass with
 `keep_count()` and `score()`, decorated with `@register` (see base.py for what else it may declare).
-Every module here is imported below, so a new file needs no other edit."""
+Every module here is imported below, so a new file registers itself; its class is also exported here and from
+`minipythia` (tests/test_front_door.py keeps the exports and the registry equal)."""
 
 import importlib
 import pkgutil
@@ -18,10 +19,24 @@ from .tova import TOVA
 from .random_eviction import RandomEviction
 from .pyramidkv import PyramidKV
 from .oracle import Oracle, oracle_future_queries
+# The others in the order of their files, as the loop below used to register them.
+from .adakv import AdaKV
+from .chunkkv import ChunkKV
+from .criticalkv import CriticalAdaKV, CriticalKV
+from .duo_attention import DuoAttention
+from .expected_attention import ExpectedAttention
+from .keydiff import KeyDiff
+from .kvzip import KVzip
+from .lagkv import LagKV
+from .merging import Merging
+from .per_layer import PerLayer
+from .think import ThinK
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["COMPRESSORS", "CapacityBudget", "Compressor", "H2O", "KnormPress", "NoCompression", "Oracle", "PyramidKV",
-           "RandomEviction", "SnapKV", "StreamingLLM", "TOVA", "attention_weights", "build_compressor",
-           "import_policies", "oracle_future_queries", "policy_class", "register"]
+__all__ = ["COMPRESSORS", "H2O", "TOVA", "AdaKV", "CapacityBudget", "ChunkKV", "Compressor", "CriticalAdaKV",
+           "CriticalKV", "DuoAttention", "ExpectedAttention", "KVzip", "KeyDiff", "KnormPress", "LagKV", "Merging",
+           "NoCompression", "Oracle", "PerLayer", "PyramidKV", "RandomEviction", "SnapKV", "StreamingLLM", "ThinK",
+           "attention_weights", "build_compressor", "import_policies", "oracle_future_queries", "policy_class",
+           "register"]

@@ -120,7 +120,7 @@ def generate(model: Pythia, prompt_ids, max_new_tokens: int = 64, temperature: f
     limit = model.config.max_position_embeddings
     if ids.numel() + max_new_tokens > limit:
         warnings.warn(f"prompt ({ids.numel()} tokens) + {max_new_tokens} new tokens exceed the {limit} positions "
-                      f"Pythia was trained on; quality degrades past them")
+                      f"this model was trained on (its max_position_embeddings); quality degrades past them")
     device = model.embed_in.weight.device
     ids = ids.to(device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

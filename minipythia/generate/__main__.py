@@ -50,10 +50,15 @@ def main(argv=None) -> int:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the prompt text")
     prompt.add_argument("--prompt-file", type=Path, help="a file holding the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-echo", action="store_true", help="print only the generated text, not the prompt before it")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to generate at most (fewer when <|endoftext|> comes first); default 64")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample only among the K most likely tokens (with --temperature > 0; default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: only among the most likely tokens whose probabilities sum to P, 0 < P <= 1 "
+                        "(with --temperature > 0; default: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default 0); only with --temperature > 0")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     p.add_argument("--stats", action="store_true", help="print TTFT, TPOT, tokens/s and KV bytes to stderr")
@@ -76,14 +81,19 @@ def main(argv=None) -> int:
     tokenizer = Tokenizer.from_pretrained(choice.directory)
     check_tokenizer(tokenizer, config)
     model = load_for_inference(choice.directory, args.dtype, args.device)
-    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
-
     prompt_ids = tokenizer.encode(text)
-    sys.stdout.write(text)
-    result = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      seed, compressor, eos_id=None if args.ignore_eos else tokenizer.eos_id,
-                      on_token=TextStream(tokenizer), decode_interval=args.decode_interval)
+    if not args.no_echo:
+        sys.stdout.write(text)
+    # Warnings raised while the text streams are held back and printed after it, not in the middle of it.
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("default")
+        result = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          seed, compressor, eos_id=None if args.ignore_eos else tokenizer.eos_id,
+                          on_token=TextStream(tokenizer), decode_interval=args.decode_interval)
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    for w in raised:
+        print(f"warning: {w.message}", file=sys.stderr)
     if args.stats:
         kib = 1024
         print(f"prompt {len(prompt_ids)} tokens, generated {len(result.tokens)}, "
@@ -97,5 +107,10 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script (pyproject.toml's [project.scripts])."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
