@@ -132,7 +132,8 @@ class Pythia(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False):
         """input_ids (B, T) -> logits (B, T, vocab), or (B, 1, vocab) for the last position only.
 
-        With a cache, the tokens take positions cache.seen .. cache.seen+T-1, whatever the cache kept.
+        With a cache, the tokens take positions cache.seen .. cache.seen+T-1, whatever the cache kept (from
+        cache.next_position: the cache's length for a policy that re-rotates what it keeps, StreamingLLM's own).
         """
         self.check_ids(input_ids)
         B, T = input_ids.shape
@@ -140,7 +141,7 @@ class Pythia(nn.Module):
             raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B}")
         if cache is not None and cache.in_prefill:
             cache.compressor.prepare(self, input_ids)
-        start = cache.seen if cache is not None else 0
+        start = cache.next_position if cache is not None else 0
         x = self.embed_in(input_ids)  # (B, T, C)
         cos, sin = self.rotary(start, T, x.device, x.dtype)
         for block in self.layers:

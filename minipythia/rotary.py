@@ -18,6 +18,19 @@ def rotary_cos_sin(config: PythiaConfig, start: int, length: int, device, dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def rotated_by(keys: torch.Tensor, shift: torch.Tensor, config: PythiaConfig) -> torch.Tensor:
+    """keys (B, nh, n, hs), after rotary, moved by `shift` (B, nh, n) positions each: rotary at position p then
+    by s is rotary at p + s (its rotations compose), computed in float32, returned in the keys' dtype."""
+    nd = config.rotary_ndims
+    inv_freq = 1.0 / config.rotary_emb_base ** (torch.arange(0, nd, 2, device=keys.device, dtype=torch.float32) / nd)
+    angles = shift.to(torch.float32)[..., None] * inv_freq  # (B, nh, n, nd / 2)
+    cos, sin = torch.cat((angles.cos(),) * 2, dim=-1), torch.cat((angles.sin(),) * 2, dim=-1)
+    x = keys[..., :nd].float()
+    x1, x2 = x.chunk(2, dim=-1)
+    moved = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((moved.to(keys.dtype), keys[..., nd:]), dim=-1)
+
+
 def apply_rotary_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The "rotate half" form, in place, on the first rotary_ndims features of each head; the rest is
     untouched. qk (B, T, nh, 2, hs) holds queries and keys together, so one pass rotates both;

@@ -42,6 +42,10 @@ class Compressor:
     cannot_decode: ClassVar[str] = ("it does not say which of the newest queries its score() reads (a policy that "
                                     "can compress during decoding overrides Compressor.decode_queries)")
 
+    # Settings added after the policy's first release, left out of settings() and labels at their default, so
+    # that results and folders made before them keep their names.
+    omitted_at_default: ClassVar[tuple[str, ...]] = ()
+
     # Quantized storage of the kept entries (KIVI): bits per code, None = the model's dtype; tokens per key
     # group, channels per value group; the newest entries kept in full precision (a multiple of the group).
     kv_bits: Literal[2, 4, 8] | None = field(default=None, kw_only=True)
@@ -142,6 +146,12 @@ class Compressor:
             return store
         return PrunedKeysStore(store, self.key_channels(layer, store.read()[0], queries))
 
+    @property
+    def rerotates_keys(self) -> bool:
+        """Whether the keys it keeps move to their places in the cache (rotary position = index), the next token
+        then taking the cache's length as its position (KVCache.next_position): StreamingLLM's official cache."""
+        return False
+
     def prepare(self, model, input_ids: torch.Tensor):
         """Called with the model and the prompt's ids (B, L) just before a prefill into a cache with this
         compressor (and before a replay of one): for a policy that scores with a forward of its own (KVzip's
@@ -161,6 +171,10 @@ class Compressor:
     def settings(self) -> dict:
         """The policy's settings, then the storage settings when the cache is quantized."""
         values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in self.omitted_at_default:
+            if values[key] == defaults[key]:
+                del values[key]
         storage = {k: values.pop(k) for k in STORAGE_SETTINGS}
         return {**values, **storage} if self.kv_bits is not None else values
 

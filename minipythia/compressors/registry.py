@@ -89,6 +89,8 @@ def build_policy(spec, shared: dict, owner: str) -> tuple[str | dict, Compressor
     own = {k: v for k, v in given.items() if k not in shared and k in fields and fields[k].check(v, name) != fields[k].default}
     own = {k: list(v) if isinstance(v, tuple) else v for k, v in own.items()}
     compressor = build_compressor(name, {**given, **{k: v for k, v in shared.items() if k in fields}})
+    if compressor.rerotates_keys:
+        raise ValueError(f"{owner}'s {name} cannot re-rotate keys: positions are the whole cache's; use {name} alone")
     return (name if not own else {"compressor": name, **own}), compressor
 
 

@@ -46,6 +46,7 @@ class KVCache:
         self.head_size = config.head_size
         self.dtype, self.device = dtype, torch.device(device)
         self.compressor = compressor
+        self.config = config
         self.decode_interval = decode_interval
         self.record_queries = record_queries
         self._n_layers = config.num_hidden_layers
@@ -145,6 +146,14 @@ class KVCache:
         values.copy_(v)
         return keys, values
 
+    @property
+    def next_position(self) -> int:
+        """The rotary position of the next token: `seen`, whatever was evicted; for a policy that re-rotates the
+        keys it keeps to their places in the cache (rerotates_keys), the cache's length, as if the evicted
+        tokens had never been there."""
+        rerotates = self.compressor is not None and self.compressor.rerotates_keys
+        return self.stores[0].length if rerotates else self.seen
+
     def advance(self, num_tokens: int):
         """Called by the model once every layer has stored a forward's tokens."""
         self.seen += num_tokens
@@ -215,6 +224,9 @@ class KVCache:
                 kept_values = compressor.kept_values(layer, keys, values, queries, chosen)
                 self._merged = self._merged or kept_values is not None
                 self.stores[layer] = store.keep(chosen, kept_values)
+                if compressor.rerotates_keys:  # every entry's rotary position is its index: moved to its new one
+                    shift = torch.arange(chosen.size(-1), device=chosen.device) - chosen
+                    self.stores[layer] = self.stores[layer].rerotated(shift, self.config)
         self.compress_seconds += clock(self.device) - start
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..rotary import rotated_by
 from .store import GROWTH, Store, tensor_bytes
 
 
@@ -59,6 +60,10 @@ class DenseStore(Store):
 
     def parts(self):
         return (*self.read(), self.positions(), None)
+
+    def rerotated(self, shift, config):
+        keys, values = self.read()
+        return DenseStore(rotated_by(keys, shift, config), values, self.positions(), self._length)
 
     def keep(self, idx, values=None):
         keys, old_values = self.read()

@@ -71,6 +71,11 @@ class Store:
         merges evicted entries into kept ones). Kinds that cannot lose entries raise ValueError."""
         raise ValueError(f"a {type(self).__name__} cannot evict entries")
 
+    def rerotated(self, shift: torch.Tensor, config) -> "Store":
+        """The store with each entry's key moved by shift (B, nh, n) rotary positions (StreamingLLM's positions in
+        the cache); kinds whose keys are not held in full precision raise ValueError."""
+        raise ValueError(f"a {type(self).__name__} cannot re-rotate its keys")
+
     def wrapped(self, wrap: Callable[["Store"], "Store"]) -> "Store":
         """wrap(self): a kind made of several stores (RaggedStore) wraps each of them instead."""
         return wrap(self)
