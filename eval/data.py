@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from minipythia.hub import check_hub_answers, first_line, quiet_hub_logs
+
 PG19_HUB = "emozilla/pg19-test"
 
 
@@ -72,15 +74,17 @@ def _from_hub(books: int | None) -> list[Book]:
     try:
         from datasets import load_dataset
 
-        rows = load_dataset(PG19_HUB, split="test", streaming=True)
-        found = []
-        for row in rows:
-            if books is not None and len(found) == books:
-                break
-            name = row.get("short_book_title") or row["url"].rstrip("/").rsplit("/", 1)[-1]
-            found.append(Book(name, row["text"], f"{PG19_HUB}:{row.get('url', name)}"))
+        check_hub_answers()  # at once, where datasets would retry a silent hub for half a minute
+        with quiet_hub_logs():
+            rows = load_dataset(PG19_HUB, split="test", streaming=True)
+            found = []
+            for row in rows:
+                if books is not None and len(found) == books:
+                    break
+                name = row.get("short_book_title") or row["url"].rstrip("/").rsplit("/", 1)[-1]
+                found.append(Book(name, row["text"], f"{PG19_HUB}:{row.get('url', name)}"))
     except Exception as e:  # offline, no `datasets`, hub errors: all mean the same thing to the user
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise DataError(f"cannot load PG-19 ({PG19_HUB}) through datasets ({reason}); pass a local directory "
                         f"of .txt books with --data DIR (or set PG19_DIR)") from None
     if not found:

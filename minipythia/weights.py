@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PythiaConfig, hub_id
+from .hub import bound_hub_requests, first_line, hub_timeout, transport_errors
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 # What the CLIs load when --model is left out: real Pythia when it can be had, else the small model we
@@ -76,10 +77,13 @@ def download(repo: str, revision: str | None = None, local_dir: str | Path | Non
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    bound_hub_requests()  # a hub that never answers fails after $MINIPYTHIA_HUB_TIMEOUT s instead of hanging
+    wait = hub_timeout()
     try:
-        local = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_dir=local_dir))
+        local = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_dir=local_dir,
+                                       etag_timeout=wait))
         if not any(local.glob("*.safetensors")):  # some early training revisions only have the .bin
-            local = Path(snapshot_download(repo, revision=revision, local_dir=local_dir,
+            local = Path(snapshot_download(repo, revision=revision, local_dir=local_dir, etag_timeout=wait,
                                            allow_patterns=HUB_FILES + ["pytorch_model.bin"]))
     except LocalEntryNotFoundError:
         raise ModelNotFoundError(f"model {repo!r} is not in the Hugging Face cache and the hub is unreachable"
@@ -87,7 +91,11 @@ def download(repo: str, revision: str | None = None, local_dir: str | Path | Non
                                  f"download it once with network, or pass a local checkpoint directory") from None
     except (RepositoryNotFoundError, HfHubHTTPError) as e:
         raise ModelNotFoundError(f"cannot download {repo!r} (revision {revision or 'main'}): "
-                                 f"{str(e).splitlines()[0]}") from None
+                                 f"{first_line(e)}") from None
+    except transport_errors() as e:  # a proxy that refuses, a timeout, a broken connection: the hub's transport
+        raise ModelNotFoundError(f"model {repo!r} cannot be fetched: the hub is unreachable ({type(e).__name__}: "
+                                 f"{first_line(e)}); download it once with network, or pass a local checkpoint "
+                                 f"directory") from None
     return local
 
 

@@ -1,0 +1,125 @@
+"""Input an attacker, or an unlucky network, would give: nothing hangs, nothing escapes the results folder,
+nothing is silently not what it says. Each test is a case found by trying it (issue 24)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- A network that accepts connections and never answers ----------------------------------------------------
+
+
+@pytest.fixture
+def silent_proxy():
+    """http://127.0.0.1:PORT: accepts every connection and never sends a byte (a proxy dropping packets)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for connection in held:
+        connection.close()
+    server.close()
+
+
+def behind(proxy: str, tmp_path: Path, timeout_s: float) -> dict:
+    """The environment of a user behind `proxy`, online as far as huggingface_hub knows, with an empty hub cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy", "PG19_DIR")}
+    env.update(HTTPS_PROXY=proxy, HTTP_PROXY=proxy, https_proxy=proxy, http_proxy=proxy, HF_HOME=str(tmp_path / "hf"),
+               MINIPYTHIA_HUB_TIMEOUT=str(timeout_s), OMP_NUM_THREADS="1")
+    return env
+
+
+def finishes_within(seconds: float, work):
+    """Runs work() in a thread and returns its result; fails (rather than hanging the suite) if it takes longer."""
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", work()), daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting on the hub after {seconds} s"
+    return out.get("value"), time.monotonic() - start
+
+
+def test_default_model_falls_back_within_the_hub_timeout_behind_a_silent_proxy(silent_proxy, tmp_path, monkeypatch,
+                                                                              capsys):
+    from minipythia.cli import resolve_model
+    from minipythia.weights import EMBEDDED_MODEL
+
+    for key, value in behind(silent_proxy, tmp_path, 0.5).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # read at import, from make test's env
+    finishes_within(30, lambda: resolve_model(None))  # warms the imports, which are not what is measured
+    capsys.readouterr()
+    choice, elapsed = finishes_within(30, lambda: resolve_model(None))
+    assert choice.directory == EMBEDDED_MODEL
+    # A request or two, each answered by the 0.5 s limit, not the library's 10 s and never the unbounded wait.
+    assert 0.5 <= elapsed < 3, elapsed  # it did ask the proxy, and waited the limit
+    notes = capsys.readouterr().err.strip().splitlines()
+    assert len(notes) == 1 and "unreachable" in notes[0] and "tiny-pg19" in notes[0], notes
+
+
+def test_generate_behind_a_silent_proxy_prints_one_line_and_uses_the_embedded_model(silent_proxy, tmp_path):
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "minipythia.generate", "--prompt", "Once", "--max-new-tokens", "2"],
+                          cwd=ROOT, env=behind(silent_proxy, tmp_path, 1), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and "weights/tiny-pg19" in lines[0], done.stderr
+    assert done.stdout.startswith("Once")
+    assert elapsed < 60, elapsed  # imports and two tokens on a shared CPU; the hub part is bounded above
+
+
+def test_pg19_from_the_hub_fails_in_one_line_within_the_timeout_behind_a_silent_proxy(silent_proxy, tmp_path,
+                                                                                      monkeypatch, capsys):
+    from eval.data import DataError, load_books
+
+    for key, value in behind(silent_proxy, tmp_path, 0.5).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PG19_DIR", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    import datasets  # noqa: F401  (the import is slow and not what is measured)
+
+    def attempt():
+        with pytest.raises(DataError) as raised:
+            load_books(["pg19"], books=1)
+        return str(raised.value)
+
+    message, elapsed = finishes_within(30, attempt)
+    assert 0.5 <= elapsed < 3, elapsed  # datasets alone would retry five times with backoff: half a minute
+    assert "did not answer within 0.5 s" in message and "--data DIR" in message
+    assert "Retry" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_a_hub_timeout_that_is_not_a_positive_number_is_refused(monkeypatch, value):
+    from minipythia.hub import HUB_TIMEOUT_ENV, hub_timeout
+
+    monkeypatch.setenv(HUB_TIMEOUT_ENV, value)
+    with pytest.raises(ValueError, match=HUB_TIMEOUT_ENV):
+        hub_timeout()
