@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from minipythia import NoCompression, PythiaConfig, Tokenizer
+from minipythia.bounded import shown
 from minipythia.cli import (add_compressor_args, add_model_args, check_device, check_tokenizer, compressor_from_args,
                             load_for_inference, resolve_model, run_cli)
 from minipythia.weights import DTYPES
@@ -25,7 +26,8 @@ from .bench import bench_table, run_bench
 from .budget import UNITS
 from .data import DataError, check_max_tokens, load_books
 from .executors import RayCluster
-from .grid import ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, load_spec, spec_yaml
+from .grid import (MAX_EXPANDED_VALUES, ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, expanded_size,
+                   load_spec, spec_yaml)
 from .ppl import check_window_args, default_windows
 from .report import load_sweep, ppl_tables, speed_table, task_table, write_report
 from .speed import check_speed_args
@@ -280,11 +282,13 @@ def task_settings(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set takes SETTING=VALUE (e.g. --set trials=4), got {pair!r}")
+            raise ValueError(f"--set takes SETTING=VALUE (e.g. --set trials=4), got {shown(pair)}")
         try:
             settings[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"--set {pair!r}: the value is not valid YAML") from None
+        except (yaml.YAMLError, RecursionError):
+            raise ValueError(f"--set {shown(pair)}: the value is not valid YAML") from None
+        if expanded_size(settings[key.strip()], MAX_EXPANDED_VALUES) > MAX_EXPANDED_VALUES:
+            raise ValueError(f"--set {shown(key)}: the value expands to more than {MAX_EXPANDED_VALUES:,} values")
     return settings
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from minipythia.hub import check_hub_answers, first_line, quiet_hub_logs
+from minipythia.bounded import first_line
+from minipythia.hub import check_hub_answers, quiet_hub_logs
 
 PG19_HUB = "emozilla/pg19-test"
 

@@ -13,6 +13,8 @@ import logging
 import os
 from contextlib import contextmanager
 
+from .bounded import first_line
+
 HUB_TIMEOUT_ENV = "MINIPYTHIA_HUB_TIMEOUT"
 DEFAULT_HUB_TIMEOUT = 5.0
 
@@ -30,13 +32,6 @@ def hub_timeout() -> float:
         raise ValueError(f"{HUB_TIMEOUT_ENV}={text[:40]!r} is not a positive number of seconds; "
                          f"set it to e.g. {DEFAULT_HUB_TIMEOUT:g} or unset it")
     return seconds
-
-
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """An exception's first line, at most `limit` characters: what an error message quotes of it."""
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def transport_errors() -> tuple[type[BaseException], ...]:

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PythiaConfig, hub_id
-from .hub import bound_hub_requests, first_line, hub_timeout, transport_errors
+from .bounded import first_line
+from .hub import bound_hub_requests, hub_timeout, transport_errors
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 # What the CLIs load when --model is left out: real Pythia when it can be had, else the small model we

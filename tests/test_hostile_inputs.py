@@ -123,3 +123,81 @@ def test_a_hub_timeout_that_is_not_a_positive_number_is_refused(monkeypatch, val
     monkeypatch.setenv(HUB_TIMEOUT_ENV, value)
     with pytest.raises(ValueError, match=HUB_TIMEOUT_ENV):
         hub_timeout()
+
+
+# --- YAML that expands past any real sweep -------------------------------------------------------------------
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A YAML list of about 600 bytes whose aliases of aliases stand for 10^levels strings."""
+    anchors = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    anchors += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(anchors) + "]"
+
+
+def sweep_error(tmp_path, capsys, text: str) -> str:
+    """Runs `eval sweep` on a sweep file of `text`, asserting a one-line refusal (exit 2) that is short."""
+    import tracemalloc
+
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    tracemalloc.start()
+    try:
+        code = run_cli(eval_cli.main, ["sweep", str(path), "--out", str(tmp_path / "out"), "--model",
+                                       str(tmp_path / "no-model")])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert len(err) < 400, err
+    assert peak < 50 * 2**20, peak  # nothing expanded
+    assert not (tmp_path / "out").exists()
+    return err
+
+
+@pytest.mark.parametrize("where", [
+    "model: {bomb}\npolicies: [{{compressor: none}}]",
+    "policies: [{{compressor: knorm, compression_ratio: {bomb}}}]",
+    "policies: {bomb}",
+    "tasks: {bomb}\npolicies: [{{compressor: none}}]",
+    "speed: {{prompt_lengths: {bomb}}}\npolicies: [{{compressor: none}}]",
+    "data: {bomb}\npolicies: [{{compressor: none}}]",
+])
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys, where):
+    text = where.format(bomb=alias_bomb())
+    assert len(text) < 1024
+    err = sweep_error(tmp_path, capsys, text)
+    assert "expands to more than" in err
+
+
+def test_a_yaml_alias_that_contains_itself_is_refused(tmp_path, capsys):
+    assert "expands to more than" in sweep_error(tmp_path, capsys, "model: &m [a, *m]\npolicies: [{compressor: none}]")
+
+
+def test_yaml_nested_past_the_recursion_limit_is_refused(tmp_path, capsys):
+    err = sweep_error(tmp_path, capsys, "policies: " + "[" * 5000 + "]" * 5000)
+    assert "nesting depth" in err or "nests too deeply" in err  # libyaml's words, or ours without it
+
+
+def test_axes_whose_product_is_absurd_are_refused_before_expanding(tmp_path, capsys):
+    axes = ", ".join(f"{s}: [{', '.join(map(str, range(1, 11)))}]" for s in
+                     ("window_size", "max_capacity_prompt", "kernel_size", "kv_group_size", "kv_residual"))
+    err = sweep_error(tmp_path, capsys, f"policies: [{{compressor: snapkv, {axes}}}]")
+    assert "100,000 configurations" in err
+
+
+def test_a_huge_value_in_an_error_is_quoted_bounded(tmp_path, capsys):
+    err = sweep_error(tmp_path, capsys, "mode: " + "x" * 100_000 + "\npolicies: [{compressor: none}]")
+    assert "mode must be" in err
+
+
+def test_an_alias_bomb_in_a_task_setting_on_the_command_line_is_refused(capsys):
+    import eval.__main__ as eval_cli
+
+    with pytest.raises(ValueError, match="expands to more than") as raised:
+        eval_cli.task_settings([f"trials={alias_bomb()}"])
+    assert len(str(raised.value)) < 200

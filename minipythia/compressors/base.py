@@ -27,6 +27,8 @@ from typing import ClassVar, Literal
 
 import torch
 
+from ..bounded import shown
+
 # The storage settings every policy has; they appear in settings() and labels only when kv_bits is set.
 STORAGE_SETTINGS = ("kv_bits", "kv_group_size", "kv_residual")
 
@@ -228,10 +230,10 @@ class Setting:
         if self.is_sequence and isinstance(value, (list, tuple)):
             return tuple(_typed(v, self.element, f"{policy}.{self.name}[{i}]") for i, v in enumerate(value))
         if self.is_sequence:
-            raise TypeError(f"{policy}.{self.name} must be a list of {self.element.__name__}, got {value!r}")
+            raise TypeError(f"{policy}.{self.name} must be a list of {self.element.__name__}, got {shown(value)}")
         value = _typed(value, self.kind, f"{policy}.{self.name}")
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+            raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {shown(value)}")
         return value
 
 
@@ -240,7 +242,7 @@ def _typed(value, kind: type, where: str):
         return float(value)
     if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
         return value
-    raise TypeError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+    raise TypeError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {shown(value)}")
 
 
 def settings_of(cls: type) -> list[Setting]:
