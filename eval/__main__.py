@@ -16,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from minipythia import NoCompression, PythiaConfig, Tokenizer
+from minipythia import NoCompression, Tokenizer
 from minipythia.bounded import shown
 from minipythia.cli import (add_compressor_args, add_model_args, check_device, check_tokenizer, compressor_from_args,
                             load_for_inference, resolve_model, run_cli)
-from minipythia.weights import DTYPES
+from minipythia.weights import DTYPES, read_config
 
 from .bench import bench_table, run_bench
 from .budget import UNITS
@@ -214,7 +214,7 @@ def load_spec_inputs(spec: SweepSpec) -> tuple:
     if not spec.ppl:
         ppl_skipped = "No PPL: this run measured speed only."
     choice = resolve_model(spec.model, spec.revision)
-    config = PythiaConfig.from_json(choice.directory / "config.json")  # what can be checked before the weights load
+    config = read_config(choice.directory)  # what can be checked before the weights load
     grid = expand(spec.policies, config)
     if not grid.configs:  # (the sweep expands the grid again, as cheaply)
         raise ConfigError(f"{spec.path}: every configuration was skipped ({grid.skipped[0]['reason']})")

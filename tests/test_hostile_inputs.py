@@ -201,3 +201,59 @@ def test_an_alias_bomb_in_a_task_setting_on_the_command_line_is_refused(capsys):
     with pytest.raises(ValueError, match="expands to more than") as raised:
         eval_cli.task_settings([f"trials={alias_bomb()}"])
     assert len(str(raised.value)) < 200
+
+
+# --- A config.json that is not its weights' -----------------------------------------------------------------
+
+
+def with_config(checkpoint: Path, target: Path, **changes) -> Path:
+    """A copy of the checkpoint whose config.json has `changes`; the weights are the same files."""
+    import json
+    import shutil
+
+    shutil.copytree(checkpoint, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **changes}))
+    return target
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", 10**9), ("num_hidden_layers", 10**6),
+                                          ("vocab_size", 10**9), ("intermediate_size", 10**9),
+                                          ("hidden_size", 128), ("num_hidden_layers", 1)])
+def test_a_config_that_disagrees_with_the_tensor_shapes_is_named_before_anything_is_built(
+        tiny_checkpoint, tmp_path, capsys, field, value):
+    from minipythia import Pythia
+    from minipythia.cli import run_cli
+    from minipythia.generate.__main__ import main as generate_main
+
+    ckpt = with_config(tiny_checkpoint, tmp_path / "ckpt", **{field: value})
+    start = time.monotonic()
+    code = run_cli(generate_main, ["--model", str(ckpt), "--prompt", "the fox", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 10
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"config.json says {field} {value}" in err, err
+    with pytest.raises(ValueError, match=f"config.json says {field} {value}"):
+        Pythia.from_pretrained(ckpt)
+
+
+def test_a_sweep_refuses_a_config_that_disagrees_with_the_tensor_shapes(tiny_checkpoint, tmp_path, capsys):
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    ckpt = with_config(tiny_checkpoint, tmp_path / "ckpt", hidden_size=10**9)
+    (tmp_path / "book.txt").write_text("the quick brown fox " * 50)
+    code = run_cli(eval_cli.main, ["ppl", "--model", str(ckpt), "--data", str(tmp_path / "book.txt"),
+                                   "--out", str(tmp_path / "out")])
+    assert code == 2 and "config.json says hidden_size 1000000000" in capsys.readouterr().err
+
+
+def test_a_config_claiming_a_billion_positions_costs_nothing_until_they_are_used(tiny_checkpoint, tmp_path):
+    from minipythia import Pythia, generate
+
+    ckpt = with_config(tiny_checkpoint, tmp_path / "ckpt", max_position_embeddings=10**9)
+    model = Pythia.from_pretrained(ckpt).for_inference()
+    reference = Pythia.from_pretrained(tiny_checkpoint).for_inference()
+    out, elapsed = finishes_within(30, lambda: generate(model, [1, 2, 3], max_new_tokens=4).tokens)
+    assert out == generate(reference, [1, 2, 3], max_new_tokens=4).tokens
+    assert model._rotary_table[0].size(0) <= 2048
