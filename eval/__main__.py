@@ -32,7 +32,7 @@ from .ppl import check_window_args, default_windows
 from .report import load_sweep, ppl_tables, speed_table, task_table, write_report
 from .speed import check_speed_args
 from .tasks import TASKS, build_task
-from .results import locked, read_json
+from .results import contained, locked, read_json
 from .scale import is_scale_folder, member_folders, write_index, write_scale_report
 from .stream import check_stream_args
 from .sweep import plan_sweep, prepare_out, run_sweep
@@ -361,8 +361,10 @@ def main(argv=None):
         with locked(args.dir):  # not while a run writes into it
             if is_scale_folder(Path(args.dir)):
                 for member in read_json(Path(args.dir) / "scale.json")["members"]:
-                    if (Path(args.dir) / member["folder"] / "sweep.json").is_file():
-                        write_report(Path(args.dir) / member["folder"], args.budget)
+                    folder = contained(Path(args.dir), member.get("folder"),
+                                       f"{Path(args.dir) / 'scale.json'}: members[].folder")
+                    if (folder / "sweep.json").is_file():
+                        write_report(folder, args.budget)
                 print(write_scale_report(Path(args.dir)))
             else:
                 print(write_report(args.dir, args.budget))

@@ -419,8 +419,11 @@ def _policies(raw, where: str) -> list[Policy]:
 
 
 def folder_name(label: str) -> str:
-    """The label as a folder name: characters other than letters, digits, '.', '_' and '-' become '-'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
+    """The label as one safe folder name: characters other than letters, digits, '.', '_' and '-' become '-', and
+    so do leading dots, so that no label (a revision `..`, a model path ending in `..`) names a folder outside
+    the results folder, the folder itself, or a hidden one."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
+    return re.sub(r"^\.+", lambda dots: "-" * len(dots.group()), name) or "-"
 
 
 def expand(policies: list[Policy], model_config) -> Grid:

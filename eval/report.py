@@ -17,7 +17,7 @@ from .budget import budget_axis, line_name
 from .grid import distance_from_defaults, folder_name
 from .markdown import table
 from .ppl import PPL_RECORD_KEYS
-from .results import append_jsonl, read_json, read_jsonl, write_json, write_text
+from .results import append_jsonl, check_no_links_out, contained, read_json, read_jsonl, write_json, write_text
 from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
 from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
 
@@ -200,8 +200,8 @@ def load_sweep(out: Path) -> Results:
     lengths = s["speed"]["prompt_lengths"] if s["speed"] else []
     ppl, speed, unfinished, tasks, kept = [], [], [], [], {}
     books = [name for name, _, _ in s["books"]]
-    for c in sweep["configs"]:
-        folder = out / c["folder"]
+    for i, c in enumerate(sweep["configs"]):
+        folder = contained(out, c.get("folder"), f"{out / 'sweep.json'}: configs[{i}].folder")
         records = [r for r in read_jsonl(folder / "ppl.jsonl", PPL_RECORD_KEYS) if r["label"] == c["label"]]
         ppl += records
         tasks += read_task_records(folder, c["label"])
@@ -381,6 +381,7 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"results directory {str(out)!r} does not exist")
+    check_no_links_out(out)
     migrate_flat_layout(out)
     if not (out / "sweep.json").is_file():
         raise ValueError(f"{out} holds no sweep.json (nor the ppl.jsonl / speed.jsonl of an older run) to report on")

@@ -43,7 +43,7 @@ from .grid import PPL, ConfigError, SweepSpec, expand, folder_name
 from .executors import Job, ModelSource, RayCluster, run_serial
 from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key
 from .report import write_report
-from .results import append_jsonl, locked, read_json, read_jsonl, write_json
+from .results import append_jsonl, check_no_links_out, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
 from .tasks import TASK_RECORD_KEYS, TextSource, example_shape, sample_text, task_complete
 from .tasks import record_key as task_record_key
@@ -249,6 +249,7 @@ def prepare_out(out: Path):
         probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write results into {out} ({e.strerror}); give a folder you can write to") from None
+    check_no_links_out(out)  # a resumed run writes into what it finds there
 
 
 def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: Path, out: Path, command: str,

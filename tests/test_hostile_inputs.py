@@ -257,3 +257,136 @@ def test_a_config_claiming_a_billion_positions_costs_nothing_until_they_are_used
     out, elapsed = finishes_within(30, lambda: generate(model, [1, 2, 3], max_new_tokens=4).tokens)
     assert out == generate(reference, [1, 2, 3], max_new_tokens=4).tokens
     assert model._rotary_table[0].size(0) <= 2048
+
+
+# --- Nothing escapes the results folder ---------------------------------------------------------------------
+
+
+def files_outside(root: Path, out: Path) -> dict[str, bytes]:
+    """Every file under root but not under out, by path, with its bytes (links as where they point)."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_relative_to(out):
+            continue
+        found[str(path)] = os.readlink(path).encode() if path.is_symlink() else \
+            path.read_bytes() if path.is_file() else b"<dir>"
+    return found
+
+
+@pytest.mark.parametrize("axes, members", [
+    ("model: [CK/child/.., OTHER]", ["ck/main", "other/main"]),  # ck/child/.. is ck, named by its real name
+    ("model: CK/child\nrevision: [step1, '..']", ["child/--", "child/step1"]),  # child/.. is ck: a checkpoint
+])
+def test_model_paths_and_revisions_ending_in_dotdot_stay_inside_out(tiny_checkpoint, tmp_path, axes, members):
+    import shutil
+
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    shutil.copytree(tiny_checkpoint, ck / "child" / "step1")
+    shutil.copytree(tiny_checkpoint, tmp_path / "other")
+    (tmp_path / "book.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 20))
+    out = tmp_path / "out"
+    axes = axes.replace("CK", str(ck)).replace("OTHER", str(tmp_path / "other"))
+    (tmp_path / "sweep.yaml").write_text(f"{axes}\ndata: {tmp_path / 'book.txt'}\nctx_len: 32\nstride: 16\n"
+                                         f"max_tokens: 64\npolicies: [{{compressor: none}}]\n")
+    before = files_outside(tmp_path, out)
+    assert run_cli(eval_cli.main, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out)]) == 0
+    assert files_outside(tmp_path, out) == before
+    assert sorted(str(p.parent.relative_to(out)) for p in out.rglob("sweep.json")) == members
+    assert (out / "report.md").read_text().startswith("# KV-cache compression across models")  # not overwritten
+
+
+def test_revisions_that_fold_to_one_folder_are_refused(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "sweep.yaml").write_text(f"model: {tiny_checkpoint}\nrevision: [a/b, a-b]\n"
+                                         f"policies: [{{compressor: none}}]\n")
+    refused(capsys, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(tmp_path / "out")],
+            "would share the results folder")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.json"))
+
+
+@pytest.fixture
+def finished_sweep(tiny_checkpoint, tmp_path) -> Path:
+    from conftest import tiny_sweep
+
+    return tiny_sweep(tiny_checkpoint, tmp_path, "  - {compressor: none}\n  - {compressor: knorm}\n")
+
+
+def victim(tmp_path: Path) -> Path:
+    """A folder outside the results that looks like a configuration's, with a record report would quarantine."""
+    folder = tmp_path / "victim"
+    folder.mkdir()
+    (folder / "ppl.jsonl").write_text('{"not": "a record"}\n')
+    return folder
+
+
+def refused(capsys, argv, *fragments):
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    code = run_cli(eval_cli.main, argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+@pytest.mark.parametrize("folder", ["../victim", "VICTIM_ABSOLUTE", "knorm/../../victim", ""])
+def test_report_refuses_a_sweep_json_that_names_a_folder_outside_dir(finished_sweep, tmp_path, capsys, folder):
+    import json
+
+    target = victim(tmp_path)
+    sweep = json.loads((finished_sweep / "sweep.json").read_text())
+    sweep["configs"][1]["folder"] = folder.replace("VICTIM_ABSOLUTE", str(target))
+    (finished_sweep / "sweep.json").write_text(json.dumps(sweep))
+    before = files_outside(tmp_path, finished_sweep)
+    refused(capsys, ["report", str(finished_sweep)], "configs[1].folder", "not a folder inside")
+    assert files_outside(tmp_path, finished_sweep) == before
+
+
+def test_report_refuses_a_scale_json_that_names_a_folder_outside_dir(tmp_path, capsys, scale_grid):
+    import json
+    import shutil
+
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    out = tmp_path / "scale"
+    shutil.copytree(scale_grid.parent, tmp_path / "grid")
+    assert run_cli(eval_cli.main, ["sweep", str(tmp_path / "grid" / "scale.yaml"), "--out", str(out)]) == 0
+    target = victim(tmp_path)
+    shutil.copy(out / "narrow" / "step1" / "sweep.json", target / "sweep.json")
+    index = json.loads((out / "scale.json").read_text())
+    index["members"][0]["folder"] = "../victim"
+    (out / "scale.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    before = files_outside(tmp_path, out)
+    refused(capsys, ["report", str(out)], "members[].folder", "not a folder inside")
+    assert files_outside(tmp_path, out) == before
+
+
+@pytest.mark.parametrize("link", ["knorm/ppl.jsonl", "knorm", "plots"])
+def test_report_and_resume_refuse_a_link_that_leads_outside_dir(finished_sweep, tmp_path, capsys, link):
+    import shutil
+
+    target = victim(tmp_path)
+    (target / "plots").mkdir()
+    inside = finished_sweep / folder_of(finished_sweep, link)
+    shutil.rmtree(inside) if inside.is_dir() else inside.unlink(missing_ok=True)
+    inside.symlink_to(target / ("ppl.jsonl" if link.endswith(".jsonl") else "plots" if link == "plots" else ""))
+    before = files_outside(tmp_path, finished_sweep)
+    refused(capsys, ["report", str(finished_sweep)], "outside the results folder")
+    refused(capsys, ["sweep", str(tmp_path / "s.yaml"), "--model", str(finished_sweep.parent / "unused"),
+                     "--out", str(finished_sweep)], "outside the results folder")
+    assert files_outside(tmp_path, finished_sweep) == before
+
+
+def folder_of(out: Path, link: str) -> str:
+    """`link` with its first part, a configuration's name (knorm), as the folder the sweep gave it."""
+    first, _, rest = link.partition("/")
+    if first == "plots":
+        return link
+    folder = next(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith(first))
+    return f"{folder}/{rest}" if rest else folder
