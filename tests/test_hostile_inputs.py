@@ -390,3 +390,44 @@ def folder_of(out: Path, link: str) -> str:
         return link
     folder = next(p.name for p in out.iterdir() if p.is_dir() and p.name.startswith(first))
     return f"{folder}/{rest}" if rest else folder
+
+
+# --- train.py never runs a pickle's code -------------------------------------------------------------------
+
+
+class RunsCode:
+    """Unpickled by a full pickle load, it creates the file it names: what a crafted state file could do."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("saved", ["train-state/state.pt", "train-state/train-tokens.pt"])
+def test_train_reads_its_state_files_without_running_pickled_code(tmp_path, capsys, saved):
+    import torch
+
+    from minipythia.cli import run_cli
+    from minipythia.train import main
+
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(2):
+        (books / f"b{i}.txt").write_text(" ".join(["a small cat sat on the warm mat"] * 300))
+    out = tmp_path / "ckpt"
+    args = [str(books), str(out), "--vocab-size", "300", "--layers", "1", "--hidden", "16", "--heads", "2",
+            "--seq-len", "16", "--batch-size", "2", "--warmup", "1", "--eval-every", "2", "--save-every", "2",
+            "--val-books", "1", "--steps", "2"]
+    assert run_cli(main, args) == 0
+    target = out / saved
+    assert target.is_file()
+    marker = tmp_path / "pickle-ran"
+    torch.save({"model": RunsCode(str(marker))}, target)
+    capsys.readouterr()
+    assert run_cli(main, args) == 2
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "is not a file this script saved" in errors[0] and "Traceback" not in err, err
