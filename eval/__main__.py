@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -39,7 +40,8 @@ from .sweep import plan_sweep, prepare_out, run_sweep
 
 LOCAL = "local"  # --ray without an address
 HOW_TO_ADD_PPL = ("No PPL: {reason}. To add it, rerun with --data DIR (a directory of .txt books, e.g. "
-                  "../shared/data/pg19-test) or set PG19_DIR.")
+                  "../shared/data/pg19-test) or PG19_DIR set, and another --out (make eval DATA=DIR "
+                  "OUT=results/eval-books): this folder's tasks ran on sampled text.")
 
 
 def int_list(text: str) -> list[int]:
@@ -207,7 +209,10 @@ def load_spec_inputs(spec: SweepSpec) -> tuple:
     try:
         books = load_books(spec.data, spec.books) if spec.data else []
     except DataError as e:  # no data is no reason to skip the speed part or the tasks (on sampled text)
-        if not (spec.speed or spec.tasks) or not spec.ppl:
+        # "No data" is only the default PG-19 that cannot be had (no PG19_DIR, the hub unreachable): a path the
+        # user named that is not there is a mistake, not a reason to run less.
+        no_data = spec.data == ["pg19"] and not os.environ.get("PG19_DIR")
+        if not no_data or not (spec.speed or spec.tasks) or not spec.ppl:
             raise
         books, ppl_skipped = [], HOW_TO_ADD_PPL.format(reason=str(e).rstrip("."))
         print(ppl_skipped, file=sys.stderr)

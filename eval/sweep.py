@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from minipythia import Compressor, NoCompression, Prefill
+from minipythia.bounded import shown
 from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
@@ -99,13 +100,21 @@ def check_settings(out: Path, settings: dict):
     tasks_before, tasks_now = before.get("tasks") or {}, settings.get("tasks") or {}
     for name in sorted(set(tasks_before) & set(tasks_now)):
         if tasks_before[name] != tasks_now[name]:
-            raise ConfigError(f"{out} holds task {name} with other settings ({tasks_before[name]} there, "
-                              f"{tasks_now[name]} now); give another --out or delete it")
+            raise ConfigError(f"{out} holds task {name} with other settings ({_brief(tasks_before[name])} there, "
+                              f"{_brief(tasks_now[name])} now); give another --out or delete it")
     if changed:
         k = changed[0]
-        raise ConfigError(f"{out} holds a sweep with other settings ({k}: {before.get(k)!r} there, "
-                          f"{settings.get(k)!r} now{', and more' if len(changed) > 1 else ''}); give another --out "
-                          f"or delete it")
+        also = f"; also {', '.join(changed[1:4])}{', ...' if len(changed) > 4 else ''}" if len(changed) > 1 else ""
+        raise ConfigError(f"{out} holds a sweep with other settings ({k}: {_brief(before.get(k))} there, "
+                          f"{_brief(settings.get(k))} now{also}); give another --out or delete it")
+
+
+def _brief(value) -> str:
+    """A setting's value for a one-line refusal: itself when short, else how many entries it has (a book list)."""
+    text = shown(value)
+    if len(text) <= 60:
+        return "none" if value in ([], None) else text
+    return f"{len(value)} entries" if isinstance(value, (list, dict)) else text[:57] + "..."
 
 
 @torch.inference_mode()

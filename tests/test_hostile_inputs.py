@@ -329,6 +329,7 @@ def refused(capsys, argv, *fragments):
     code = run_cli(eval_cli.main, argv)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert len(err.replace(str(Path(argv[-1]).parent), "")) < 300, err  # short, the paths it names aside
     for fragment in fragments:
         assert fragment in err, err
 
@@ -431,3 +432,42 @@ def test_train_reads_its_state_files_without_running_pickled_code(tmp_path, caps
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "is not a file this script saved" in errors[0] and "Traceback" not in err, err
+
+
+# --- Data that is not there ---------------------------------------------------------------------------------
+
+RECALL = "tasks: [ppl, {recall: {contexts: [96], depths: [0.5], trials: 2, passage_tokens: 16, cue_tokens: 4}}]"
+
+
+def test_a_data_path_that_does_not_exist_is_an_error_even_with_tasks(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text(f"{RECALL}\nctx_len: 64\nstride: 16\npolicies: [{{compressor: none}}]\n")
+    refused(capsys, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--data",
+                     str(tmp_path / "no-such-books"), "--out", str(tmp_path / "out")], "no-such-books", "does not exist")
+    assert not (tmp_path / "out" / "sweep.json").exists()
+
+
+def test_after_a_run_without_books_the_advice_to_add_them_works_as_written(tiny_checkpoint, tmp_path, capsys,
+                                                                          monkeypatch):
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    monkeypatch.delenv("PG19_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no books at all: the default PG-19 cannot be had
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    (tmp_path / "s.yaml").write_text(f"{RECALL}\nctx_len: 64\nstride: 16\nmax_tokens: 160\n"
+                                     f"policies: [{{compressor: none}}]\n")
+    out = tmp_path / "out"
+    assert run_cli(eval_cli.main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint),
+                                   "--out", str(out)]) == 0
+    advice = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("No PPL"))
+    assert "another --out" in advice
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 40))
+    # Into the same folder: refused in one short line naming the setting that differs.
+    refused(capsys, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--data", str(books),
+                     "--out", str(out)], "other settings (books: none there, ")
+    # As the advice says: another --out.
+    assert run_cli(eval_cli.main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--data",
+                                   str(books), "--out", str(tmp_path / "with-books")]) == 0
+    assert (tmp_path / "with-books" / "none" / "ppl.jsonl").is_file()
