@@ -16,7 +16,7 @@ from .data import book_origin
 from .budget import budget_axis, line_name
 from .grid import distance_from_defaults, folder_name
 from .markdown import table
-from .ppl import PPL_RECORD_KEYS
+from .ppl import PPL_RECORD_KEYS, compressed_nothing
 from .results import append_jsonl, check_no_links_out, contained, read_json, read_jsonl, write_json, write_text
 from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
 from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
@@ -73,6 +73,9 @@ def ppl_tables(records: list[dict], per_book: bool = True) -> str:
                 mine_common = _ppl(sum(by[label, b]["nll_sum"] for b in common),
                                    sum(by[label, b]["tokens"] for b in common))
                 delta = _pct(mine_common, ref)
+                why = {compressed_nothing(by[label, b]) for b in common}
+                if None not in why:  # not a measured 0: nothing was compressed
+                    delta = f"{delta} (no compression: {', '.join(sorted(why))})"
             else:
                 delta = "" if label == "none" else "n/a (no 'none' run)"
             overall.append([label, len(mine), tokens, f"{nll / tokens:.4f}", f"{_ppl(nll, tokens):.3f}", delta,

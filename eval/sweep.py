@@ -42,7 +42,7 @@ from minipythia.timing import clock
 from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
 from .grid import PPL, ConfigError, SweepSpec, expand, folder_name
 from .executors import Job, ModelSource, RayCluster, run_serial
-from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key
+from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key, warn_uncompressed
 from .report import write_report
 from .results import append_jsonl, check_no_links_out, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
@@ -282,6 +282,7 @@ def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: 
 
     folders = {c.label: out / folder_name(c.label) for c in configs}
     n_layers = model.config.num_hidden_layers
+    warn_uncompressed(tokenized, configs, n_layers, spec.ctx_len, spec.stride, spec.mode)
     kv_bytes = held_bytes(model, configs, window_prompt)
     for c in configs:  # written first, so that even an unfinished folder says what it holds
         folders[c.label].mkdir(exist_ok=True)

@@ -471,3 +471,47 @@ def test_after_a_run_without_books_the_advice_to_add_them_works_as_written(tiny_
     assert run_cli(eval_cli.main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--data",
                                    str(books), "--out", str(tmp_path / "with-books")]) == 0
     assert (tmp_path / "with-books" / "none" / "ppl.jsonl").is_file()
+
+
+# --- A PPL that compression could not change is not a clean 0 -------------------------------------------------
+
+
+def test_a_book_shorter_than_one_window_is_warned_about_and_not_reported_lossless(tiny_checkpoint, tmp_path, capsys):
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "short.txt").write_text(" ".join(["the quick brown fox"] * 10))  # fewer tokens than ctx_len 96
+    (tmp_path / "s.yaml").write_text(f"data: {books}\nctx_len: 96\nstride: 32\npolicies:\n  - {{compressor: none}}\n"
+                                     f"  - {{compressor: snapkv, window_size: 4, max_capacity_prompt: 16}}\n")
+    out = tmp_path / "out"
+    assert run_cli(eval_cli.main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint),
+                                   "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: book short has" in err and "every policy scores it as full KV" in err, err
+    row = next(line for line in (out / "report.md").read_text().splitlines()
+               if line.startswith("| snapkv") and "%" in line)
+    assert "+0.00% (no compression: book shorter than one window)" in row, row
+
+
+def test_a_budget_that_holds_the_whole_prompt_is_warned_about_and_reported_as_such(tiny_checkpoint, tmp_path, capsys):
+    import eval.__main__ as eval_cli
+    from minipythia.cli import run_cli
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "long.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 40))
+    (tmp_path / "s.yaml").write_text(f"data: {books}\nctx_len: 96\nstride: 32\nmax_tokens: 200\npolicies:\n"
+                                     f"  - {{compressor: none}}\n"
+                                     f"  - {{compressor: snapkv, window_size: 4, max_capacity_prompt: [16, 64]}}\n")
+    out = tmp_path / "out"
+    assert run_cli(eval_cli.main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint),
+                                   "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "c64" in err and "compresses nothing here" in err and "c16_" not in err.split("compresses nothing")[0]
+    rows = {line.split("|")[1].strip(): line for line in (out / "report.md").read_text().splitlines()
+            if line.startswith("| snapkv") and "%" in line}  # the PPL table's rows
+    big, small = (next(v for k, v in rows.items() if f"_c{c}_" in k) for c in (64, 16))
+    assert "(no compression: budget holds the whole prompt)" in big
+    assert "no compression" not in small
