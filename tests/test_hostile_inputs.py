@@ -515,3 +515,46 @@ def test_a_budget_that_holds_the_whole_prompt_is_warned_about_and_reported_as_su
     big, small = (next(v for k, v in rows.items() if f"_c{c}_" in k) for c in (64, 16))
     assert "(no compression: budget holds the whole prompt)" in big
     assert "no compression" not in small
+
+
+# --- Ray: no dashboard, a quiet stop ------------------------------------------------------------------------
+
+
+def test_a_local_ray_cluster_starts_no_dashboard():
+    pytest.importorskip("ray")
+    import psutil
+
+    from eval.executors import RayCluster
+
+    with RayCluster(None, 1):
+        ours = psutil.Process().children(recursive=True)
+        commands = [" ".join(p.cmdline()) for p in ours if p.is_running()]
+        listening = [c.laddr.port for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.pid in {p.pid for p in ours}]
+    assert not [c for c in commands if "dashboard/dashboard.py" in c], commands
+    assert 8265 not in listening
+
+
+def test_sigterm_stops_a_ray_sweep_quietly_and_its_cluster_with_it(scale_grid, tmp_path):
+    pytest.importorskip("ray")
+    import signal
+
+    import psutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen([sys.executable, "-m", "eval", "sweep", str(scale_grid), "--out", str(tmp_path / "out"),
+                              "--ray", "--workers", "1"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in sweep.stderr:  # the cluster is up once the first member is planned on it
+        seen.append(line)
+        if line.startswith("== planning"):
+            break
+    children = psutil.Process(sweep.pid).children(recursive=True)
+    assert children, "".join(seen)
+    sweep.send_signal(signal.SIGTERM)
+    err = "".join(seen) + sweep.stderr.read()
+    assert sweep.wait(timeout=60) == 128 + signal.SIGTERM, err
+    assert "terminated: stopping the Ray cluster" in err
+    assert "SIGTERM received" not in err and "*** " not in err and "PC: @" not in err, err
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.name() for p in alive]
