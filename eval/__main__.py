@@ -10,34 +10,38 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
 
 import yaml
 
-from minipythia import NoCompression, PythiaConfig, Tokenizer
+from minipythia import NoCompression, Tokenizer
+from minipythia.bounded import shown
 from minipythia.cli import (add_compressor_args, add_model_args, check_device, check_tokenizer, compressor_from_args,
                             load_for_inference, resolve_model, run_cli)
-from minipythia.weights import DTYPES
+from minipythia.weights import DTYPES, read_config
 
 from .bench import bench_table, run_bench
 from .budget import UNITS
 from .data import DataError, check_max_tokens, load_books
 from .executors import RayCluster
-from .grid import ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, load_spec, spec_yaml
+from .grid import (MAX_EXPANDED_VALUES, ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, expanded_size,
+                   load_spec, spec_yaml)
 from .ppl import check_window_args, default_windows
 from .report import load_sweep, ppl_tables, speed_table, task_table, write_report
 from .speed import check_speed_args
 from .tasks import TASKS, build_task
-from .results import locked, read_json
+from .results import contained, locked, read_json
 from .scale import is_scale_folder, member_folders, write_index, write_scale_report
 from .stream import check_stream_args
 from .sweep import plan_sweep, prepare_out, run_sweep
 
 LOCAL = "local"  # --ray without an address
 HOW_TO_ADD_PPL = ("No PPL: {reason}. To add it, rerun with --data DIR (a directory of .txt books, e.g. "
-                  "../shared/data/pg19-test) or set PG19_DIR.")
+                  "../shared/data/pg19-test) or PG19_DIR set, and another --out (make eval DATA=DIR "
+                  "OUT=results/eval-books): this folder's tasks ran on sampled text.")
 
 
 def int_list(text: str) -> list[int]:
@@ -208,14 +212,17 @@ def load_spec_inputs(spec: SweepSpec) -> tuple:
     try:
         books = load_books(spec.data, spec.books) if spec.data else []
     except DataError as e:  # no data is no reason to skip the speed part or the tasks (on sampled text)
-        if not (spec.speed or spec.tasks) or not spec.ppl:
+        # "No data" is only the default PG-19 that cannot be had (no PG19_DIR, the hub unreachable): a path the
+        # user named that is not there is a mistake, not a reason to run less.
+        no_data = spec.data == ["pg19"] and not os.environ.get("PG19_DIR")
+        if not no_data or not (spec.speed or spec.tasks) or not spec.ppl:
             raise
         books, ppl_skipped = [], HOW_TO_ADD_PPL.format(reason=str(e).rstrip("."))
         print(ppl_skipped, file=sys.stderr)
     if not spec.ppl:
         ppl_skipped = "No PPL: this run measured speed only."
     choice = resolve_model(spec.model, spec.revision)
-    config = PythiaConfig.from_json(choice.directory / "config.json")  # what can be checked before the weights load
+    config = read_config(choice.directory)  # what can be checked before the weights load
     grid = expand(spec.policies, config)
     if not grid.configs:  # (the sweep expands the grid again, as cheaply)
         raise ConfigError(f"{spec.path}: every configuration was skipped ({grid.skipped[0]['reason']})")
@@ -283,11 +290,13 @@ def task_settings(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set takes SETTING=VALUE (e.g. --set trials=4), got {pair!r}")
+            raise ValueError(f"--set takes SETTING=VALUE (e.g. --set trials=4), got {shown(pair)}")
         try:
             settings[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"--set {pair!r}: the value is not valid YAML") from None
+        except (yaml.YAMLError, RecursionError):
+            raise ValueError(f"--set {shown(pair)}: the value is not valid YAML") from None
+        if expanded_size(settings[key.strip()], MAX_EXPANDED_VALUES) > MAX_EXPANDED_VALUES:
+            raise ValueError(f"--set {shown(key)}: the value expands to more than {MAX_EXPANDED_VALUES:,} values")
     return settings
 
 
@@ -360,8 +369,10 @@ def main(argv=None):
         with locked(args.dir):  # not while a run writes into it
             if is_scale_folder(Path(args.dir)):
                 for member in read_json(Path(args.dir) / "scale.json")["members"]:
-                    if (Path(args.dir) / member["folder"] / "sweep.json").is_file():
-                        write_report(Path(args.dir) / member["folder"], args.budget)
+                    folder = contained(Path(args.dir), member.get("folder"),
+                                       f"{Path(args.dir) / 'scale.json'}: members[].folder")
+                    if (folder / "sweep.json").is_file():
+                        write_report(folder, args.budget)
                 print(write_scale_report(Path(args.dir)))
             else:
                 print(write_report(args.dir, args.budget))

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+from minipythia.bounded import first_line
+from minipythia.hub import check_hub_answers, quiet_hub_logs
+
 PG19_HUB = "emozilla/pg19-test"
 
 
@@ -116,11 +119,16 @@ def _from_hub(dataset: HubText, books: int | None) -> list[Book]:
     try:
         from datasets import load_dataset
 
+        from huggingface_hub import constants
+
+        if not (constants.is_offline_mode() or Path(dataset.name).exists()):
+            check_hub_answers()  # at once, where datasets would retry a silent hub for half a minute
         split = dataset.split if books is None or dataset.joined else f"{dataset.split}[:{books}]"
-        rows = load_dataset(dataset.name, dataset.config, split=split)
+        with quiet_hub_logs():
+            rows = load_dataset(dataset.name, dataset.config, split=split)
     except Exception as e:  # offline, no `datasets`, hub errors: all mean the same thing to the user
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"cannot load {dataset.label} through datasets ({reason}); {how}") from None
+        raise DataError(f"cannot load {dataset.label} through datasets ({first_line(e)}); {how} (a dataset read "
+                        f"before is in the Hugging Face cache: HF_HUB_OFFLINE=1 reads it from there)") from None
     if dataset.column not in rows.column_names:
         raise DataError(f"{dataset.label} has no column {dataset.column!r} (its columns: "
                         f"{', '.join(rows.column_names)}); name the text column: hf:{dataset.label}#COLUMN")

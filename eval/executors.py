@@ -18,8 +18,11 @@ UNIT_RETRIES times; a unit that raises fails the sweep with its error, after wha
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,6 +61,31 @@ def run_serial(units: list[Unit], model, windows: Windows, meta: dict, write: Ca
         write(run_unit(unit, model, windows, meta))
 
 
+def _terminated(signum, frame):
+    print("terminated: stopping the Ray cluster; the same command resumes", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def no_api_server():
+    """A local cluster without Ray's API server: even with include_dashboard=False, ray.init starts
+    dashboard.py (its usage-stats module only, with RAY_USAGE_STATS_ENABLED=0 nothing) listening on
+    127.0.0.1:8265. Ray has no option to leave it out, and runs without it as on a minimal install, whose
+    dashboard cannot start: Node.start_api_server is skipped while the cluster starts."""
+    from ray._private.node import Node
+
+    start = Node.start_api_server
+
+    def skipped(self, *args, **kwargs):
+        self._webui_url = None  # read later, as a minimal install leaves it
+
+    Node.start_api_server = skipped
+    try:
+        yield
+    finally:
+        Node.start_api_server = start
+
+
 class RayCluster:
     """A Ray session for one sweep: `with RayCluster(address, workers) as cluster: cluster.run(...)`."""
 
@@ -88,8 +116,9 @@ class RayCluster:
 
             self.saved_constant = ray_constants.ENABLE_RAY_CLUSTER
             ray_constants.ENABLE_RAY_CLUSTER = False
-            ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            with no_api_server():
+                ray.init(num_cpus=self.workers, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
             bound = self.node_address()
             if bound != LOOPBACK:  # never a cluster reachable from the network by accident
                 ray.shutdown()
@@ -104,11 +133,21 @@ class RayCluster:
                 raise ValueError(f"--ray {self.address}: cannot join that Ray cluster ({str(e).splitlines()[0]}); "
                                  f"start one with `ray start --head` or give its address (HEAD:6379)") from None
         self.remote = ray.remote(max_retries=UNIT_RETRIES)(_run_on_worker)
+        # Ray's core installs a handler that prints its C++ stack on SIGTERM and kills the driver on the spot:
+        # ours stops the sweep as Ctrl-C does, through __exit__, so the cluster stops and nothing is printed but
+        # one line.
+        self.saved_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self.saved_sigterm = signal.signal(signal.SIGTERM, _terminated)
         return self
 
     def __exit__(self, *exc):
-        self.ray.shutdown()  # a local cluster stops with it; from a remote one the driver disconnects
-        self._restore_env()
+        try:
+            self.ray.shutdown()  # a local cluster stops with it; from a remote one the driver disconnects
+        finally:
+            if self.saved_sigterm is not None:
+                signal.signal(signal.SIGTERM, self.saved_sigterm)
+            self._restore_env()
 
     def _restore_env(self):
         if getattr(self, "saved_constant", None) is not None:

@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from minipythia.bounded import shown
 from minipythia.compressors import COMPRESSORS, Compressor, build_compressor, import_policies
 from minipythia.compressors.base import STORAGE_SETTINGS
 from minipythia.compressors.settings import Policy as PolicyValued, settings_of
@@ -55,6 +57,11 @@ from minipythia.weights import DTYPES
 from .tasks import TASKS, Task, build_task
 
 DEFAULT_MAX_TOKENS = 8192
+# A sweep file's values counted as its aliases expand, and the configurations its axes multiply to: far above
+# any real grid (eval/configs/full.yaml: a few hundred values, 99 configurations), far below what hurts.
+MAX_EXPANDED_VALUES = 100_000
+MAX_SPEC_BYTES = 1 << 20
+MAX_COMBINATIONS = 10_000
 DEFAULT_BATCH_SIZE = 16
 PPL = "ppl"  # the task eval.ppl runs: sliding windows over the books
 DEFAULT_SHORT_CONTEXT = 128  # PPL's short-context control: the tokens before the targets it sees
@@ -146,29 +153,43 @@ def find_config(name: str | Path) -> Path:
     shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else path.name + ".yaml")
     if path.parent == Path(".") and shipped.is_file():
         return shipped
-    raise ConfigError(f"sweep config {str(name)!r} does not exist; give a YAML file or a shipped config's name "
+    raise ConfigError(f"sweep config {shown(str(name))} does not exist; give a YAML file or a shipped config's name "
                       f"({', '.join(shipped_config_names())})")
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     path = find_config(path)
-    return parse_spec(path.read_text(encoding="utf-8"), path)
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes is not a sweep config (at most {MAX_SPEC_BYTES:,})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_spec(text, path)
 
 
 def parse_spec(text: str, path: Path) -> SweepSpec:
     where = str(path)
     try:
-        raw = yaml.safe_load(text)
+        # libyaml's loader when there is one: it refuses nesting past 1000 levels at once, where the pure-Python
+        # one takes seconds to reach its recursion limit.
+        raw = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: invalid YAML{at}: {problem}") from None
+        raise ConfigError(f"{where}: invalid YAML{at}: {shown(problem)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML nests too deeply to be a sweep config") from None  # without libyaml
+    if expanded_size(raw, MAX_EXPANDED_VALUES) > MAX_EXPANDED_VALUES:
+        raise ConfigError(f"{where}: the YAML expands to more than {MAX_EXPANDED_VALUES:,} values (aliases repeated "
+                          f"inside aliases, or one that contains itself); write the grid out plainly")
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with a 'policies' list, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(TOP_KEYS)}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(shown, unknown[:10]))}; "
+                          f"allowed: {', '.join(TOP_KEYS)}")
 
     def get(key, kind, default=None, minimum=None, allow_none=False):
         value = raw.get(key, default)
@@ -177,20 +198,21 @@ def parse_spec(text: str, path: Path) -> SweepSpec:
         if not _is(value, kind) or (minimum is not None and value < minimum):
             bound = f" >= {minimum}" if minimum is not None else ""
             raise ConfigError(f"{where}: {key} must be {kind.__name__}{bound}{' or null' if allow_none else ''}, "
-                              f"got {value!r}")
+                              f"got {shown(value)}")
         return value
 
     data = raw.get("data", "pg19")
     data = [data] if isinstance(data, str) else data
     if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data):
-        raise ConfigError(f"{where}: data must be 'pg19', a directory or a list of .txt files, got {raw['data']!r}")
+        raise ConfigError(f"{where}: data must be 'pg19', a directory or a list of .txt files, "
+                          f"got {shown(raw['data'])}")
     dtype = get("dtype", str, "float32")
     if dtype not in DTYPES:
-        raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {shown(dtype)}")
     modules = raw.get("policy_modules", [])
     modules = [modules] if isinstance(modules, str) else modules
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-        raise ConfigError(f"{where}: policy_modules must be a list of .py files or module names, got {modules!r}")
+        raise ConfigError(f"{where}: policy_modules must be a list of .py files or module names, got {shown(modules)}")
     # A file is relative to the YAML's folder, so that a config and its policy travel together.
     modules = [str(path.parent / m) if m.endswith(".py") and not Path(m).is_absolute() else m for m in modules]
     try:
@@ -199,11 +221,14 @@ def parse_spec(text: str, path: Path) -> SweepSpec:
         raise ConfigError(f"{where}: {e}") from None
     mode = get("mode", str, "window")
     if mode not in ("window", "stream"):
-        raise ConfigError(f"{where}: mode must be 'window' or 'stream', got {mode!r}")
+        raise ConfigError(f"{where}: mode must be 'window' or 'stream', got {shown(mode)}")
     if "tasks" in raw and "ppl" in raw:
         raise ConfigError(f"{where}: give tasks (e.g. [ppl, recall]) or ppl: true/false, not both")
     ppl, short_context, tasks = _tasks(raw.get("tasks", [PPL]), where)
     models, revisions = _axis(raw, "model", where), _axis(raw, "revision", where)
+    if len(models) * len(revisions) > MAX_COMBINATIONS:
+        raise ConfigError(f"{where}: {len(models)} models x {len(revisions)} revisions are more than "
+                          f"{MAX_COMBINATIONS:,} sweeps; split them into several files")
     spec = SweepSpec(path=path, text=text, policies=_policies(raw.get("policies"), where),
                      model=models[0], revision=revisions[0], models=models, revisions=revisions, dtype=dtype, data=data,
                      books=get("books", int, minimum=1), tokenizer=get("tokenizer", str),
@@ -216,6 +241,35 @@ def parse_spec(text: str, path: Path) -> SweepSpec:
                      speed=_speed(raw.get("speed"), where))
     check_spec(spec)
     return spec
+
+
+def expanded_size(root, limit: int) -> int:
+    """How many values `root` (YAML as loaded) holds once every alias is written out, counted only up to just past
+    `limit`. The loader shares one object per anchor, so a 1 KB file of aliases of aliases can stand for 10^9
+    strings, which anything walking it (a repr in an error message, a product of axes) would create. Each shared
+    object is sized once, so this takes the file's time; a structure that contains itself counts as past the limit.
+    Recursion is safe: the loader itself refuses nesting deeper than Python's recursion limit."""
+    sizes: dict[int, int] = {}
+    inside: set[int] = set()
+
+    def size(node) -> int:
+        if not isinstance(node, (list, dict)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in inside:
+            return limit + 1
+        inside.add(id(node))
+        total = 1
+        for child in (x for pair in node.items() for x in pair) if isinstance(node, dict) else node:
+            total += size(child)
+            if total > limit:
+                break
+        inside.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
 
 
 def check_spec(spec: SweepSpec):
@@ -260,9 +314,9 @@ def _axis(raw: dict, key: str, where: str) -> list[str | None]:
     values = value if isinstance(value, list) else [value]
     nullable = key == "revision" or key not in raw
     if not values or not all(isinstance(v, str) or (v is None and nullable) for v in values):
-        raise ConfigError(f"{where}: {key} must be a name or a list of names, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be a name or a list of names, got {shown(value)}")
     if len(set(values)) < len(values):
-        raise ConfigError(f"{where}: {key} lists {next(v for v in values if values.count(v) > 1)!r} twice")
+        raise ConfigError(f"{where}: {key} lists {shown(next(v for v in values if values.count(v) > 1))} twice")
     return values
 
 
@@ -279,22 +333,22 @@ def _speed(raw, where: str) -> SpeedSpec | None:
         raise ConfigError(f"{where}: speed must be a mapping like {{prompt_lengths: [512, 2048], new_tokens: 32}}")
     unknown = sorted(set(raw) - set(SPEED_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown speed key(s) {', '.join(map(repr, unknown))}; allowed: "
+        raise ConfigError(f"{where}: unknown speed key(s) {', '.join(map(shown, unknown[:10]))}; allowed: "
                           f"{', '.join(SPEED_KEYS)}")
     lengths = raw.get("prompt_lengths")
     lengths = [lengths] if _is(lengths, int) else lengths
     if not isinstance(lengths, list) or not lengths or not all(_is(n, int) and n >= 1 for n in lengths):
-        raise ConfigError(f"{where}: speed.prompt_lengths must be a list of positive integers, got {lengths!r}")
+        raise ConfigError(f"{where}: speed.prompt_lengths must be a list of positive integers, got {shown(lengths)}")
     spec = SpeedSpec(sorted(set(lengths)))
     hf = raw.get("hf", False)
     if not isinstance(hf, bool):
-        raise ConfigError(f"{where}: speed.hf must be true or false, got {hf!r}")
+        raise ConfigError(f"{where}: speed.hf must be true or false, got {shown(hf)}")
     spec.hf = hf
     for key, minimum in (("new_tokens", WARMUP_STEPS + 2), ("repeats", 1)):
         value = raw.get(key, getattr(spec, key))
         if not _is(value, int) or value < minimum:
             why = f" (the first token, {WARMUP_STEPS} warm-up steps, one timed step)" if key == "new_tokens" else ""
-            raise ConfigError(f"{where}: speed.{key} must be an integer >= {minimum}{why}, got {value!r}")
+            raise ConfigError(f"{where}: speed.{key} must be an integer >= {minimum}{why}, got {shown(value)}")
         setattr(spec, key, value)
     return spec
 
@@ -303,7 +357,7 @@ def _tasks(raw, where: str) -> tuple[bool, int | None, list[Task]]:
     """`tasks`: a list of names or {name: {setting: value}} -> (whether PPL runs, its short_context, the others)."""
     entries = list(raw.items()) if isinstance(raw, dict) else raw
     if not isinstance(entries, list) or not entries:
-        raise ConfigError(f"{where}: tasks must be a non-empty list such as [ppl, recall], got {raw!r}")
+        raise ConfigError(f"{where}: tasks must be a non-empty list such as [ppl, recall], got {shown(raw)}")
     ppl, short_context, tasks, seen = False, DEFAULT_SHORT_CONTEXT, [], set()
     for entry in entries:
         if isinstance(entry, dict) and len(entry) == 1:
@@ -311,22 +365,23 @@ def _tasks(raw, where: str) -> tuple[bool, int | None, list[Task]]:
         name, settings = (entry, {}) if isinstance(entry, str) else entry if isinstance(entry, tuple) else (None, None)
         settings = {} if settings is None else settings
         if not isinstance(name, str) or not isinstance(settings, dict):
-            raise ConfigError(f"{where}: a task is a name or {{name: {{setting: value}}}}, got {entry!r}")
+            raise ConfigError(f"{where}: a task is a name or {{name: {{setting: value}}}}, got {shown(entry)}")
         if name in seen:
             raise ConfigError(f"{where}: task {name} is listed twice")
         seen.add(name)
         if name == PPL:
             unknown = sorted(set(settings) - {"short_context"})
             if unknown:
-                raise ConfigError(f"{where}: task ppl has no setting {unknown[0]!r}; its setting: short_context "
+                raise ConfigError(f"{where}: task ppl has no setting {shown(unknown[0])}; its setting: short_context "
                                   f"(its windows are the top-level ctx_len, stride, max_tokens)")
             short_context = settings.get("short_context", DEFAULT_SHORT_CONTEXT)
             if short_context is not None and (not _is(short_context, int) or short_context < 1):
-                raise ConfigError(f"{where}: ppl.short_context must be an integer >= 1 or null, got {short_context!r}")
+                raise ConfigError(f"{where}: ppl.short_context must be an integer >= 1 or null, "
+                                  f"got {shown(short_context)}")
             ppl = True
             continue
         if name not in TASKS:
-            raise ConfigError(f"{where}: unknown task {name!r}; tasks: {', '.join([PPL, *TASKS])}")
+            raise ConfigError(f"{where}: unknown task {shown(name)}; tasks: {', '.join([PPL, *TASKS])}")
         try:
             tasks.append(build_task(name, settings))
         except (TypeError, ValueError) as e:
@@ -341,13 +396,14 @@ def _policies(raw, where: str) -> list[Policy]:
     for i, entry in enumerate(raw):
         at = f"{where}: policies[{i}]"
         if not isinstance(entry, dict) or "compressor" not in entry:
-            raise ConfigError(f"{at}: expected a mapping with a 'compressor' key, got {entry!r}")
+            raise ConfigError(f"{at}: expected a mapping with a 'compressor' key, got {shown(entry)}")
         name = entry["compressor"]
         if not isinstance(name, str):
-            raise ConfigError(f"{at}: compressor must be a name such as snapkv, got {name!r}")
+            raise ConfigError(f"{at}: compressor must be a name such as snapkv, got {shown(name)}")
         cls = COMPRESSORS.get(name)
         if cls is None:
-            raise ConfigError(f"{at}: unknown compressor {name!r}; registered: {', '.join(COMPRESSORS)} (a policy of "
+            raise ConfigError(f"{at}: unknown compressor {shown(name)}; registered: {', '.join(COMPRESSORS)} "
+                              f"(a policy of "
                               f"your own: list its module in policy_modules)")
         settings = {s.name: s for s in settings_of(cls)}
         axes = {}
@@ -356,7 +412,7 @@ def _policies(raw, where: str) -> list[Policy]:
                 continue
             if key not in settings:
                 own = ", ".join(k for k in settings if k not in STORAGE_SETTINGS) or "none"
-                raise ConfigError(f"{at}: {name} has no setting {key!r}; its settings: {own} (and "
+                raise ConfigError(f"{at}: {name} has no setting {shown(key)}; its settings: {own} (and "
                                   f"{', '.join(STORAGE_SETTINGS)}, which every policy has)")
             setting = settings[key]
             # For a sequence-valued setting a flat list is one value, a list of lists an axis.
@@ -379,12 +435,19 @@ def _policies(raw, where: str) -> list[Policy]:
                     pass  # a value of the right type the policy rejects: that combination is skipped
             axes[key] = values
         policies.append(Policy(name, axes, i))
+    combinations = sum(math.prod(len(values) for values in policy.axes.values()) for policy in policies)
+    if combinations > MAX_COMBINATIONS:
+        raise ConfigError(f"{where}: the policies' axes multiply to {combinations:,} configurations, more than "
+                          f"{MAX_COMBINATIONS:,}; split the grid into several sweeps")
     return policies
 
 
 def folder_name(label: str) -> str:
-    """The label as a folder name: characters other than letters, digits, '.', '_' and '-' become '-'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
+    """The label as one safe folder name: characters other than letters, digits, '.', '_' and '-' become '-', and
+    so do leading dots, so that no label (a revision `..`, a model path ending in `..`) names a folder outside
+    the results folder, the folder itself, or a hidden one."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", label)
+    return re.sub(r"^\.+", lambda dots: "-" * len(dots.group()), name) or "-"
 
 
 def expand(policies: list[Policy], model_config) -> Grid:

@@ -263,6 +263,36 @@ def record_key(r: dict) -> tuple:
             r["stride"], r.get("decode_interval"), r["max_tokens"])
 
 
+def warn_uncompressed(books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], num_layers: int,
+                      ctx_len: int, stride: int | None, mode: str):
+    """Warns, before any work, of PPL that compression cannot change: a book of one window (its only window has
+    no prompt, so every policy scores it as full KV) and a configuration whose budget holds a whole window prompt.
+    The report says the same where it would otherwise show a clean +0.00%."""
+    if mode != "window":
+        return
+    for name, _, ids in books:
+        if ids.numel() <= ctx_len:
+            print(f"warning: book {name} has {ids.numel()} tokens, one window of ctx_len {ctx_len}: its window has "
+                  f"no prompt to compress, so every policy scores it as full KV (give a longer book or a smaller "
+                  f"ctx_len)", file=sys.stderr)
+    prompt = ctx_len - stride
+    for c in configs:
+        if c.name != "none" and kept_per_head(c, num_layers, prompt) >= prompt:
+            print(f"warning: {c.label} keeps every entry of a {prompt}-token window prompt: it compresses nothing "
+                  f"here (a budget below {prompt}, or a larger ctx_len - stride, would)", file=sys.stderr)
+
+
+def compressed_nothing(record: dict) -> str | None:
+    """Why a PPL record's tokens were all predicted through an uncompressed prompt, or None: a book of one window
+    (window mode), or a budget that holds the whole window prompt."""
+    if record.get("mode", "window") == "window" and record.get("book_tokens", record["ctx_len"] + 1) <= \
+            record["ctx_len"]:
+        return "book shorter than one window"
+    if record.get("kept_per_head") is not None and record["kept_per_head"] >= record.get("window_prompt", 1 << 62):
+        return "budget holds the whole prompt"
+    return None
+
+
 def kept_per_head(compressor: Compressor, num_layers: int, prompt_len: int) -> float:
     """Entries per head a compressor leaves of a prompt_len-token prompt, averaged over layers (the
     cache keeps min(keep_count, length) in each layer): the KV budget of a config, for tables and plots."""

@@ -16,8 +16,8 @@ from .data import book_origin
 from .budget import budget_axis, line_name
 from .grid import distance_from_defaults, folder_name
 from .markdown import table
-from .ppl import PPL_RECORD_KEYS, ppl_groups
-from .results import append_jsonl, read_json, read_jsonl, write_json, write_text
+from .ppl import PPL_RECORD_KEYS, compressed_nothing, ppl_groups
+from .results import append_jsonl, check_no_links_out, contained, read_json, read_jsonl, write_json, write_text
 from .results_csv import write_results_csv
 from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
 from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
@@ -65,6 +65,9 @@ def ppl_tables(records: list[dict], per_book: bool = True) -> str:
                 mine_common = _ppl(sum(by[label, b]["nll_sum"] for b in common),
                                    sum(by[label, b]["tokens"] for b in common))
                 delta = _pct(mine_common, ref)
+                why = {compressed_nothing(by[label, b]) for b in common}
+                if None not in why:  # not a measured 0: nothing was compressed
+                    delta = f"{delta} (no compression: {', '.join(sorted(why))})"
             else:
                 delta = "" if label == "none" else "n/a (no 'none' run)"
             overall.append([label, len(mine), tokens, f"{nll / tokens:.4f}", f"{_ppl(nll, tokens):.3f}", delta,
@@ -192,8 +195,8 @@ def load_sweep(out: Path) -> Results:
     lengths = s["speed"]["prompt_lengths"] if s["speed"] else []
     ppl, speed, unfinished, tasks, kept = [], [], [], [], {}
     books = [name for name, _, _ in s["books"]]
-    for c in sweep["configs"]:
-        folder = out / c["folder"]
+    for i, c in enumerate(sweep["configs"]):
+        folder = contained(out, c.get("folder"), f"{out / 'sweep.json'}: configs[{i}].folder")
         records = [r for r in read_jsonl(folder / "ppl.jsonl", PPL_RECORD_KEYS) if r["label"] == c["label"]]
         ppl += records
         tasks += read_task_records(folder, c["label"])
@@ -373,6 +376,7 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"results directory {str(out)!r} does not exist")
+    check_no_links_out(out)
     migrate_flat_layout(out)
     if not (out / "sweep.json").is_file():
         raise ValueError(f"{out} holds no sweep.json (nor the ppl.jsonl / speed.jsonl of an older run) to report on")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from minipythia.bounded import shown
+
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
@@ -64,6 +66,34 @@ def append_jsonl(path: str | Path, record: dict):
             broken = f.read(1) != b"\n"
     with path.open("a") as f:
         f.write(("\n" if broken else "") + line + "\n")
+
+
+class OutsideFolder(ValueError):
+    """A results folder that names, or links to, something outside itself (a crafted sweep.json, a symlink)."""
+
+
+def contained(root: Path, relative, source: str) -> Path:
+    """root / relative, for a folder a results file names (`source`: which file and field): a relative path
+    without '..' whose every part is inside root, or OutsideFolder. With check_no_links_out(root) this keeps
+    everything report and resume read or write inside root."""
+    parts = Path(relative).parts if isinstance(relative, str) else ()
+    if not parts or Path(relative).is_absolute() or ".." in parts or \
+            not (root / relative).resolve().is_relative_to(root.resolve()):
+        raise OutsideFolder(f"{source} names {shown(relative)}, which is not a folder inside {root}; refusing to "
+                            f"read or write it (restore the file or delete the results folder)")
+    return root / relative
+
+
+def check_no_links_out(root: Path):
+    """OutsideFolder if a symlink anywhere in the results folder leads outside it: reading through it would
+    report someone else's file, writing (a quarantine, a rewritten record) would change it."""
+    base = root.resolve()
+    for folder, subfolders, files in os.walk(root):  # symlinked subfolders are listed, not entered
+        for name in subfolders + files:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(base):
+                raise OutsideFolder(f"{path} is a link to {path.resolve()}, outside the results folder {root}; "
+                                    f"refusing to read or write through it (remove the link)")
 
 
 def read_json(path: str | Path):

@@ -14,11 +14,13 @@ import math
 import re
 from pathlib import Path
 
+from minipythia.bounded import shown
+
 from . import plots
 from .grid import ConfigError, folder_name
 from .markdown import table
 from .report import complete_ppl, load_sweep
-from .results import read_json, write_json, write_text
+from .results import check_no_links_out, contained, read_json, write_json, write_text
 from .results_csv import write_scale_csv
 from .tasks.report import ppl_retained, retained_of, task_names
 
@@ -29,7 +31,9 @@ def model_folder(model: str | None) -> str:
     """A local directory by its name, a hub id by its repository name (EleutherAI/pythia-70m -> pythia-70m)."""
     if model is None:
         return "default"
-    return folder_name(Path(model).expanduser().name if Path(model).expanduser().is_dir() else model.split("/")[-1])
+    # A directory by its real name: `ck/sub/..` is `ck`, never the `..` that would leave OUT.
+    local = Path(model).expanduser()
+    return folder_name(local.resolve().name if local.is_dir() else model.split("/")[-1])
 
 
 def member_folders(members: list[tuple[str | None, str | None]]) -> dict[tuple, str]:
@@ -38,9 +42,15 @@ def member_folders(members: list[tuple[str | None, str | None]]) -> dict[tuple, 
     for model, _ in members:
         name = model_folder(model)
         if seen.setdefault(name, model) != model:
-            raise ConfigError(f"models {seen[name]!r} and {model!r} would share the results folder {name}/; "
+            raise ConfigError(f"models {shown(seen[name])} and {shown(model)} would share the results folder {name}/; "
                               f"give one of them a directory of another name")
-    return {(m, r): f"{model_folder(m)}/{folder_name(r) if r else MAIN}" for m, r in members}
+    folders = {(m, r): f"{model_folder(m)}/{folder_name(r) if r else MAIN}" for m, r in members}
+    by_folder: dict[str, tuple] = {}
+    for member, folder in folders.items():
+        if by_folder.setdefault(folder, member) != member:
+            raise ConfigError(f"revisions {shown(by_folder[folder][1])} and {shown(member[1])} would share the results "
+                              f"folder {folder}/; rename one")
+    return folders
 
 
 def is_scale_folder(out: Path) -> bool:
@@ -86,11 +96,13 @@ def member_metrics(folder: Path) -> tuple[dict, dict[str, dict[str, float | None
 
 def write_scale_report(out: Path) -> Path:
     """OUT/report.md and OUT/plots/scale_*.png from the members' folders."""
+    check_no_links_out(out)
     index = read_json(out / "scale.json")
     members = []
     for m in index["members"]:
-        if (out / m["folder"] / "sweep.json").is_file():
-            facts, metrics = member_metrics(out / m["folder"])
+        folder = contained(out, m.get("folder"), f"{out / 'scale.json'}: members[].folder")
+        if (folder / "sweep.json").is_file():
+            facts, metrics = member_metrics(folder)
             members.append(dict(m, **facts, metrics=metrics, name=_member_name(m["model"], m["revision"])))
     lines = ["# KV-cache compression across models and training checkpoints", "",
              f"- {len(index['members'])} member(s) from `{index['config_file']}`, each a sweep in its own folder "

@@ -36,14 +36,15 @@ import torch
 from tqdm import tqdm
 
 from minipythia import Compressor, NoCompression, Prefill
+from minipythia.bounded import shown
 from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
 from .grid import PPL, ConfigError, SweepSpec, expand, folder_name
 from .executors import Job, ModelSource, RayCluster, run_serial
-from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key
+from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key, warn_uncompressed
 from .report import write_report
-from .results import append_jsonl, locked, read_json, read_jsonl, write_json
+from .results import append_jsonl, check_no_links_out, locked, read_json, read_jsonl, write_json
 from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
 from .tasks import TASK_RECORD_KEYS, TextSource, example_shape, sample_text, task_complete
 from .tasks import record_key as task_record_key
@@ -99,13 +100,21 @@ def check_settings(out: Path, settings: dict):
     tasks_before, tasks_now = before.get("tasks") or {}, settings.get("tasks") or {}
     for name in sorted(set(tasks_before) & set(tasks_now)):
         if tasks_before[name] != tasks_now[name]:
-            raise ConfigError(f"{out} holds task {name} with other settings ({tasks_before[name]} there, "
-                              f"{tasks_now[name]} now); give another --out or delete it")
+            raise ConfigError(f"{out} holds task {name} with other settings ({_brief(tasks_before[name])} there, "
+                              f"{_brief(tasks_now[name])} now); give another --out or delete it")
     if changed:
         k = changed[0]
-        raise ConfigError(f"{out} holds a sweep with other settings ({k}: {before.get(k)!r} there, "
-                          f"{settings.get(k)!r} now{', and more' if len(changed) > 1 else ''}); give another --out "
-                          f"or delete it")
+        also = f"; also {', '.join(changed[1:4])}{', ...' if len(changed) > 4 else ''}" if len(changed) > 1 else ""
+        raise ConfigError(f"{out} holds a sweep with other settings ({k}: {_brief(before.get(k))} there, "
+                          f"{_brief(settings.get(k))} now{also}); give another --out or delete it")
+
+
+def _brief(value) -> str:
+    """A setting's value for a one-line refusal: itself when short, else how many entries it has (a book list)."""
+    text = shown(value)
+    if len(text) <= 60:
+        return "none" if value in ([], None) else text
+    return f"{len(value)} entries" if isinstance(value, (list, dict)) else text[:57] + "..."
 
 
 @torch.inference_mode()
@@ -249,6 +258,7 @@ def prepare_out(out: Path):
         probe.unlink()
     except OSError as e:
         raise ValueError(f"cannot write results into {out} ({e.strerror}); give a folder you can write to") from None
+    check_no_links_out(out)  # a resumed run writes into what it finds there
 
 
 def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: Path, out: Path, command: str,
@@ -272,6 +282,7 @@ def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: 
 
     folders = {c.label: out / folder_name(c.label) for c in configs}
     n_layers = model.config.num_hidden_layers
+    warn_uncompressed(tokenized, configs, n_layers, spec.ctx_len, spec.stride, spec.mode)
     kv_bytes = held_bytes(model, configs, window_prompt)
     for c in configs:  # written first, so that even an unfinished folder says what it holds
         folders[c.label].mkdir(exist_ok=True)

@@ -109,7 +109,9 @@ class Pythia(nn.Module):
         stale = table is None or table[0].size(0) < end or table[0].dtype != dtype or table[0].device != device
         # A table made under inference_mode cannot be used by a forward that autograd records.
         if stale or (table[0].is_inference() and not torch.is_inference_mode_enabled()):
-            size = max(self.config.max_position_embeddings, 2 * end if table is not None else end)
+            # Sized for the trained positions at once (at most 2048, Pythia's, so that a config.json claiming 10^9
+            # positions costs nothing until they are used), doubled when a longer sequence comes.
+            size = max(min(self.config.max_position_embeddings, 2048), 2 * end if table is not None else end)
             table = self._rotary_table = rotary_cos_sin(self.config, 0, size, device, dtype)
         return table[0][start:end], table[1][start:end]
 

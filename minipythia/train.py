@@ -52,10 +52,23 @@ def read_books(data_dir: Path) -> list[tuple[str, str]]:
     return [(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in paths]
 
 
+def load_saved(path: Path):
+    """A file this script saved (token cache, training state), read as tensors and plain containers only
+    (weights_only: never running a pickle's code, whatever torch's default); anything else is a ValueError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types; its text advises loading unsafely: not quoted
+        raise ValueError(f"{path} is not a file this script saved ({type(e).__name__}: it holds something other "
+                         f"than tensors and plain containers, or is damaged); delete it to start over") from None
+
+
 def tokenize_books(books, tokenizer_path: Path, cache_path: Path) -> torch.Tensor:
     """Every book's ids followed by <|endoftext|>, as one int32 stream; cached because it takes a minute."""
     if cache_path.is_file():
-        return torch.load(cache_path)
+        ids = load_saved(cache_path)
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"{cache_path} does not hold a token tensor; delete it to tokenize again")
+        return ids
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
@@ -254,7 +267,9 @@ def main(argv=None) -> int:
     step, log = 0, []
     state_path = state_dir / "state.pt"
     if state_path.is_file():
-        state = torch.load(state_path)
+        state = load_saved(state_path)
+        if not isinstance(state, dict) or not {"model", "optimizer", "step", "log", "args"} <= set(state):
+            raise ValueError(f"{state_path} does not hold a training state; delete it to start over")
         if state["args"] != {k: str(v) for k, v in vars(args).items()}:
             raise ValueError(f"{state_path} was written with other options; use the same command or a new OUT_DIR")
         model.load_state_dict(state["model"])

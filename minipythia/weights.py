@@ -17,6 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import PythiaConfig, hub_id
+from .bounded import first_line, shown
+from .hub import bound_hub_requests, hub_timeout, transport_errors
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Run from a clone (the source tree holds pyproject.toml), checkpoints live in its weights/; installed from a
@@ -81,10 +83,13 @@ def download(repo: str, revision: str | None = None, local_dir: str | Path | Non
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    bound_hub_requests()  # a hub that never answers fails after $MINIPYTHIA_HUB_TIMEOUT s instead of hanging
+    wait = hub_timeout()
     try:
-        local = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_dir=local_dir))
+        local = Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, local_dir=local_dir,
+                                       etag_timeout=wait))
         if not any(local.glob("*.safetensors")):  # some early training revisions only have the .bin
-            local = Path(snapshot_download(repo, revision=revision, local_dir=local_dir,
+            local = Path(snapshot_download(repo, revision=revision, local_dir=local_dir, etag_timeout=wait,
                                            allow_patterns=HUB_FILES + ["pytorch_model.bin"]))
     except LocalEntryNotFoundError:
         raise ModelNotFoundError(f"model {repo!r} is not in the Hugging Face cache and the hub is unreachable"
@@ -92,14 +97,20 @@ def download(repo: str, revision: str | None = None, local_dir: str | Path | Non
                                  f"download it once with network, or pass a local checkpoint directory") from None
     except (RepositoryNotFoundError, HfHubHTTPError) as e:
         raise ModelNotFoundError(f"cannot download {repo!r} (revision {revision or 'main'}): "
-                                 f"{str(e).splitlines()[0]}") from None
+                                 f"{first_line(e)}") from None
+    except transport_errors() as e:  # a proxy that refuses, a timeout, a broken connection: the hub's transport
+        raise ModelNotFoundError(f"model {repo!r} cannot be fetched: the hub is unreachable ({type(e).__name__}: "
+                                 f"{first_line(e)}); download it once with network, or pass a local checkpoint "
+                                 f"directory") from None
     return local
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, by checkpoint key, in their stored dtype. A file that cannot be
-    read as what it claims to be is a ValueError naming it."""
-    fix = "download the checkpoint again (python -m minipythia.download NAME)"
+FIX = "download the checkpoint again (python -m minipythia.download NAME)"
+
+
+def safetensors_files(directory: Path) -> list[str] | None:
+    """The checkpoint's safetensors files (the shards its index names, or model.safetensors); None when it holds a
+    pytorch_model.bin instead. A broken index is a ValueError naming it."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -109,33 +120,82 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
                 raise ValueError("no shard names")
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map of shard files: "
-                             f"{e}); {fix}") from None
+                             f"{first_line(e)}); {FIX}") from None
         absent = [f for f in files if not (directory / f).is_file()]
         if absent:
-            raise ValueError(f"{index} names shard {absent[0]!r}, which is not in {directory}; {fix}")
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    elif (directory / "pytorch_model.bin").is_file():
+            raise ValueError(f"{index} names shard {shown(absent[0])}, which is not in {directory}; {FIX}")
+        return files
+    if (directory / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    if (directory / "pytorch_model.bin").is_file():
+        return None
+    raise ModelNotFoundError(f"{directory} has no model.safetensors, safetensors index or pytorch_model.bin")
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, by checkpoint key, in their stored dtype. A file that cannot be
+    read as what it claims to be is a ValueError naming it."""
+    files = safetensors_files(directory)
+    if files is None:
         try:
             state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
-            raise ValueError(f"{directory / 'pytorch_model.bin'} cannot be read ({str(e).splitlines()[0]}); "
-                             f"{fix}") from None
+            raise ValueError(f"{directory / 'pytorch_model.bin'} cannot be read ({first_line(e)}); {FIX}") from None
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
-            raise ValueError(f"{directory / 'pytorch_model.bin'} does not hold a state dict of tensors; {fix}")
+            raise ValueError(f"{directory / 'pytorch_model.bin'} does not hold a state dict of tensors; {FIX}")
         return state
-    else:
-        raise ModelNotFoundError(f"{directory} has no model.safetensors, safetensors index or pytorch_model.bin")
-    tensors = {}
+    return _read_safetensors(directory, files, lambda f, key: f.get_tensor(key))
+
+
+def _read_safetensors(directory: Path, files: list[str], read) -> dict:
+    """read(file, key) of every tensor of the files, by key."""
+    found = {}
     for name in files:
         try:
             with safe_open(directory / name, framework="pt") as f:
                 for key in f.keys():
-                    tensors[key] = f.get_tensor(key)
+                    found[key] = read(f, key)
         except Exception as e:  # safetensors' own error type for a truncated or foreign file
-            raise ValueError(f"{directory / name} is not a readable safetensors file ({str(e).splitlines()[0]}); "
-                             f"{fix}") from None
-    return tensors
+            raise ValueError(f"{directory / name} is not a readable safetensors file ({first_line(e)}); "
+                             f"{FIX}") from None
+    return found
+
+
+def checkpoint_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape by checkpoint key, read from the safetensors headers without loading any tensor (a
+    pytorch_model.bin has no header: it is loaded)."""
+    files = safetensors_files(directory)
+    if files is None:
+        return {key: tuple(t.shape) for key, t in read_state_dict(directory).items()}
+    return _read_safetensors(directory, files, lambda f, key: tuple(f.get_slice(key).get_shape()))
+
+
+def config_disagreement(config: PythiaConfig, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The first config.json field that the checkpoint's tensors contradict, as a sentence; None when the sizes
+    agree. Only sizes the tensors show are compared: the full check of every tensor comes with the weights."""
+    by_name = {name: (key, shape) for key, shape in shapes.items() if (name := checkpoint_key(key)) is not None}
+    layers = {name.split(".")[1] for name in by_name if name.startswith("layers.")}
+    evidence = [("num_hidden_layers", len(layers), f"tensors for {len(layers)} layers (gpt_neox.layers.N.*)")]
+    for name, axis, field in (("embed_in.weight", 0, "vocab_size"), ("embed_in.weight", 1, "hidden_size"),
+                              ("layers.0.mlp.dense_h_to_4h.weight", 0, "intermediate_size")):
+        key, shape = by_name.get(name, (None, None))
+        if shape is not None and len(shape) == 2:
+            evidence.append((field, shape[axis], f"{key} of shape {shape}"))
+    for field, found, where in evidence:
+        if getattr(config, field) != found:
+            return f"config.json says {field} {getattr(config, field)}, but the checkpoint has {where}"
+    return None
+
+
+def read_config(directory: Path) -> PythiaConfig:
+    """A checkpoint directory's config.json, checked against its tensors' shapes before anything is built from it:
+    a config whose sizes are not the weights' (hidden_size 10^9 beside small weights) is a ValueError naming the
+    field, not minutes of allocation."""
+    config = PythiaConfig.from_json(directory / "config.json")
+    problem = config_disagreement(config, checkpoint_shapes(directory))
+    if problem:
+        raise ValueError(f"{directory}: {problem}; restore config.json from the published checkpoint")
+    return config
 
 
 def load_pretrained(cls, source, dtype=torch.float32, device="cpu", revision=None):
@@ -145,7 +205,7 @@ def load_pretrained(cls, source, dtype=torch.float32, device="cpu", revision=Non
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (a name or the torch dtype), got {dtype!r}")
     directory = resolve(source, revision)
-    config = PythiaConfig.from_json(directory / "config.json")
+    config = read_config(directory)
     with torch.device("meta"):
         model = cls(config)
     expected = dict(model.named_parameters())

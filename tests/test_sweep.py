@@ -407,9 +407,14 @@ def test_seed_claims_say_not_measured_without_a_3000_token_prompt(tmp_path):
         assert rows[claim][2] == "not measured (no 3000-token prompt in the speed part)"
 
 
-def test_sweep_without_data_still_measures_speed(tiny_checkpoint, tmp_path):
+def test_sweep_without_data_still_measures_speed(tiny_checkpoint, tmp_path, monkeypatch):
+    # No data at all: the default PG-19 cannot be had (a --data path that does not exist is an error instead:
+    # tests/test_hostile_inputs.py).
+    monkeypatch.delenv("PG19_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     (tmp_path / "s.yaml").write_text(f"""
-data: {tmp_path / "no-such-dir"}
+data: pg19
 speed: {{prompt_lengths: [24], new_tokens: 5, repeats: 1}}
 policies: [{{compressor: none}}, {{compressor: snapkv, window_size: 4, max_capacity_prompt: 16}}]
 """)
@@ -419,7 +424,7 @@ policies: [{{compressor: none}}, {{compressor: snapkv, window_size: 4, max_capac
     assert "No PPL" in report and "--data DIR" in report and "random token ids" in report
     assert len(read_jsonl(tmp_path / "out" / "snapkv_w4_c16_k5_avgpool" / "speed.jsonl")) == 1
     assert not (tmp_path / "out" / "none" / "ppl.jsonl").exists()
-    (tmp_path / "s.yaml").write_text(f"data: {tmp_path / 'no-such-dir'}\npolicies: [{{compressor: none}}]\n")
+    (tmp_path / "s.yaml").write_text("data: pg19\npolicies: [{compressor: none}]\n")
     assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint),
                           "--out", str(tmp_path / "out2")]) == 2  # nothing to run without data or speed
 

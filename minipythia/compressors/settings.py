@@ -9,6 +9,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 
+from ..bounded import shown
+
 
 class Policy:
     """The annotation of a setting whose value is another policy (a wrapper's scorer, per_layer's layers): a
@@ -40,10 +42,10 @@ class Setting:
         if self.is_sequence and isinstance(value, (list, tuple)):
             return tuple(_typed(v, self.element, f"{policy}.{self.name}[{i}]") for i, v in enumerate(value))
         if self.is_sequence:
-            raise TypeError(f"{policy}.{self.name} must be a list of {_kind_name(self.element)}, got {value!r}")
+            raise TypeError(f"{policy}.{self.name} must be a list of {_kind_name(self.element)}, got {shown(value)}")
         value = _typed(value, self.kind, f"{policy}.{self.name}")
         if self.choices is not None and value not in self.choices:
-            raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+            raise ValueError(f"{self.name} must be one of {', '.join(map(repr, self.choices))}, got {shown(value)}")
         return value
 
 
@@ -58,7 +60,7 @@ def _typed(value, kind: type, where: str):
         return float(value)
     if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
         return value
-    raise TypeError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+    raise TypeError(f"{where} must be {'an' if kind is int else 'a'} {kind.__name__}, got {shown(value)}")
 
 
 def _policy_value(value, where: str):

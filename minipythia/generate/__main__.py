@@ -14,7 +14,7 @@ from ..kv import check_decode_interval
 from ..cli import (add_compressor_args, add_model_args, check_tokenizer, compressor_from_args, load_for_inference,
                    resolve_model, run_cli)
 from ..compressors import NoCompression
-from ..config import PythiaConfig
+from ..weights import read_config
 from ..tokenizer import Tokenizer
 from . import check_sampling, generate
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                          "compressor or leave it out")
     check_decode_interval(compressor, args.decode_interval)
     choice = resolve_model(args.model, args.revision)
-    config = PythiaConfig.from_json(choice.directory / "config.json")  # what can be checked before the weights load
+    config = read_config(choice.directory)  # what can be checked before the weights load
     compressor.for_model(config)
     tokenizer = Tokenizer.from_pretrained(choice.directory)
     check_tokenizer(tokenizer, config)
