@@ -8,16 +8,18 @@
     python -m eval report results/eval
     python -m eval bench
 
-`sweep` is the engine (eval.sweep.run_sweep); `ppl`, `task` and `speed` run it on a grid of one compressor.
+`eval.pipeline.run_spec` is the one orchestrator (spec -> inputs -> plan -> execute -> results -> report; the
+engine of one sweep is eval.sweep); `ppl`, `task` and `speed` run it on a grid of one compressor.
 The tasks beyond PPL (recall, needle, continuation) are in eval.tasks.
 """
 
 from .data import Book, DataError, load_books, tokenized_books
 from .grid import ConfigError, SweepSpec, expand, load_spec
+from .pipeline import run_spec
 from .ppl import run_ppl, sliding_window_nll, sliding_window_nlls, windows
 from .report import write_report
 from .speed import measure
 from .sweep import run_sweep
 
 __all__ = ["Book", "ConfigError", "DataError", "SweepSpec", "expand", "load_books", "load_spec", "measure", "run_ppl",
-           "run_sweep", "sliding_window_nll", "sliding_window_nlls", "tokenized_books", "windows", "write_report"]
+           "run_spec", "run_sweep", "sliding_window_nll", "sliding_window_nlls", "tokenized_books", "windows", "write_report"]

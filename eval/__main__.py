@@ -8,41 +8,32 @@ same folder layout (OUT/sweep.json, OUT/<label>/...), which `report` reads.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
-import os
 import shlex
 import sys
 from pathlib import Path
 
 import yaml
 
-from minipythia import NoCompression, Tokenizer
+from minipythia import NoCompression
 from minipythia.bounded import shown
-from minipythia.cli import (add_compressor_args, add_model_args, check_device, check_tokenizer, compressor_from_args,
-                            load_for_inference, resolve_model, run_cli)
-from minipythia.weights import DTYPES, read_config
+from minipythia.cli import (add_compressor_args, add_model_args, check_device, compressor_from_args, resolve_model,
+                            run_cli)
+from minipythia.weights import DTYPES
 
 from .bench import bench_table, run_bench
 from .budget import UNITS
-from .data import DataError, check_max_tokens, load_books
-from .executors import RayCluster
-from .grid import (MAX_EXPANDED_VALUES, ConfigError, Policy, SpeedSpec, SweepSpec, check_spec, expand, expanded_size,
+from .data import check_max_tokens
+from .grid import (MAX_EXPANDED_VALUES, Policy, SpeedSpec, SweepSpec, check_spec, expanded_size,
                    load_spec, spec_yaml)
-from .ppl import check_window_args, default_windows
+from .ppl import check_window_args
+from .pipeline import LOCAL, run_spec
 from .report import load_sweep, ppl_tables, speed_table, task_table, write_report
-from .speed import check_speed_args
-from .tasks import TASKS, build_task
 from .results import contained, locked, read_json
-from .scale import is_scale_folder, member_folders, write_index, write_scale_report
+from .scale import is_scale_folder, write_scale_report
+from .speed import check_speed_args
 from .stream import check_stream_args
-from .sweep import plan_sweep, prepare_out, run_sweep
-
-LOCAL = "local"  # --ray without an address
-HOW_TO_ADD_PPL = ("No PPL: {reason}. To add it, rerun with --data DIR (a directory of .txt books, e.g. "
-                  "../shared/data/pg19-test) or PG19_DIR set, and another --out (make eval DATA=DIR "
-                  "OUT=results/eval-books): this folder's tasks ran on sampled text.")
-
+from .sweep import prepare_out
+from .tasks import TASKS, build_task
 
 def int_list(text: str) -> list[int]:
     try:
@@ -138,108 +129,6 @@ def build_parser(argv) -> argparse.ArgumentParser:
                    help="tokens for the shared-prefill sweep timing (0 skips it)")
     p.add_argument("--out", default="results/bench")
     return parser
-
-
-def warn_positions(model, length: int, what: str):
-    if length > model.config.max_position_embeddings:
-        print(f"warning: {what} {length} > the model's {model.config.max_position_embeddings} trained positions: "
-              f"dense-attention PPL degrades sharply beyond them", file=sys.stderr)
-
-
-def run_spec(spec: SweepSpec, out: Path, command: str, ray: str | None = None, workers: int | None = None) -> Path:
-    """Loads what the spec names (books, model, tokenizer), fills what depends on the model, runs the sweep:
-    one per (model, revision) when the spec lists several (eval.scale), on Ray when `ray` is given (LOCAL or
-    an address). The results folder is checked and locked first, so that nothing is loaded for a run that
-    cannot write."""
-    if workers is not None and ray is None:
-        raise ValueError("--workers sizes the local Ray cluster of --ray; add --ray or leave --workers out")
-    check_device(spec.device)
-    prepare_out(out)
-    with locked(out):
-        folders = member_folders(spec.members) if len(spec.members) > 1 else None
-        if folders and (out / "sweep.json").is_file():
-            raise ConfigError(f"{out} holds a sweep of one model; a sweep over models or revisions needs a folder "
-                              f"of its own: give another --out")
-        if not folders and is_scale_folder(out):
-            raise ConfigError(f"{out} holds a sweep over models or revisions; give another --out")
-        with RayCluster(None if ray == LOCAL else ray, workers) if ray else contextlib.nullcontext() as cluster:
-            if not folders:
-                return run_one(spec, out, command, cluster)
-            write_index(out, str(spec.path), spec.text, folders)
-            members = [(dataclasses.replace(spec, model=model, revision=revision, models=[model],
-                                            revisions=[revision]), out / folder)
-                       for (model, revision), folder in folders.items()]
-            if cluster is None:  # one member after the other, each model loaded once
-                for member, folder in members:
-                    print(f"== {member.model} @ {member.revision or 'main'} -> {folder}", file=sys.stderr)
-                    run_one(member, folder, command)
-            else:
-                run_members_on(cluster, members, command)
-        path = write_scale_report(out)
-        print(f"report over models and revisions: {path}")
-        return path
-
-
-def run_one(spec: SweepSpec, out: Path, command: str, cluster: RayCluster | None = None) -> Path:
-    spec, books, model, tokenizer, directory, ppl_skipped = load_spec_inputs(spec)
-    return run_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped, cluster)
-
-
-def run_members_on(cluster: RayCluster, members: list[tuple[SweepSpec, Path]], command: str):
-    """Every member's units on the cluster at once, so that the sizes and checkpoints of a grid run side by side:
-    each member is planned here in turn (its model loaded, then let go), then they all run, then each is
-    finished (its speed part with its model loaded again, its report)."""
-    with contextlib.ExitStack() as folders_locked:
-        planned = []
-        for member, folder in members:
-            print(f"== planning {member.model} @ {member.revision or 'main'} -> {folder}", file=sys.stderr)
-            prepare_out(folder)
-            folders_locked.enter_context(locked(folder))
-            spec, books, model, tokenizer, directory, ppl_skipped = load_spec_inputs(member)
-            planned.append((spec, plan_sweep(spec, books, model, tokenizer, directory, folder, command,
-                                             ppl_skipped)))
-            del model  # the workers load their own: the driver holds one model at a time
-        cluster.run([p.job for _, p in planned])
-        for spec, p in planned:
-            p.finish(load_for_inference(Path(p.job.source.directory), spec.dtype, spec.device) if spec.speed
-                     else None)
-
-
-def load_spec_inputs(spec: SweepSpec) -> tuple:
-    """What a spec names, loaded (books, model, tokenizer), and what depends on the model filled in:
-    (spec, books, model, tokenizer, checkpoint directory, why PPL is skipped or None)."""
-    ppl_skipped = None
-    try:
-        books = load_books(spec.data, spec.books) if spec.data else []
-    except DataError as e:  # no data is no reason to skip the speed part or the tasks (on sampled text)
-        # "No data" is only the default PG-19 that cannot be had (no PG19_DIR, the hub unreachable): a path the
-        # user named that is not there is a mistake, not a reason to run less.
-        no_data = spec.data == ["pg19"] and not os.environ.get("PG19_DIR")
-        if not no_data or not (spec.speed or spec.tasks) or not spec.ppl:
-            raise
-        books, ppl_skipped = [], HOW_TO_ADD_PPL.format(reason=str(e).rstrip("."))
-        print(ppl_skipped, file=sys.stderr)
-    if not spec.ppl:
-        ppl_skipped = "No PPL: this run measured speed only."
-    choice = resolve_model(spec.model, spec.revision)
-    config = read_config(choice.directory)  # what can be checked before the weights load
-    grid = expand(spec.policies, config)
-    if not grid.configs:  # (the sweep expands the grid again, as cheaply)
-        raise ConfigError(f"{spec.path}: every configuration was skipped ({grid.skipped[0]['reason']})")
-    tokenizer = Tokenizer.from_pretrained(spec.tokenizer or choice.directory)
-    check_tokenizer(tokenizer, config)
-    model = load_for_inference(choice.directory, spec.dtype, spec.device)
-    # What was really used goes into the results: the default model, and windows that depend on the model.
-    spec.model, spec.revision = choice.name, choice.revision
-    if spec.mode == "window":
-        spec.ctx_len, spec.stride = default_windows(model, spec.ctx_len, spec.stride)
-    else:
-        spec.ctx_len = default_windows(model, spec.ctx_len, None)[0]
-    if spec.ppl:
-        warn_positions(model, spec.ctx_len, "ctx_len")
-    if spec.speed:
-        warn_positions(model, max(spec.speed.prompt_lengths), "speed prompt length")
-    return spec, books, model, tokenizer, choice.directory, ppl_skipped
 
 
 def one_policy(compressor) -> Policy:

@@ -40,7 +40,7 @@ from minipythia.bounded import shown
 from minipythia.timing import clock
 
 from .data import Book, describe_books, speed_prompts, tokenize, tokenized_books
-from .grid import PPL, ConfigError, SweepSpec, expand, folder_name
+from .grid import PPL, ConfigError, Grid, SweepSpec, folder_name
 from .executors import Job, ModelSource, RayCluster, run_serial
 from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key, warn_uncompressed
 from .report import write_report
@@ -191,16 +191,29 @@ def measure_batch(model, prompts: dict, batch: list[Compressor], spec: SweepSpec
                    row_meta, **r, same_tokens=r["tokens"] == none_tokens[r["prompt_len"]])))
 
 
-def run_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: Path, out: Path, command: str,
-              ppl_skipped: str | None = None, cluster: RayCluster | None = None) -> Path:
-    """Runs what is not done yet and writes OUT/report.md. spec.model / ctx_len / stride are the resolved ones.
-    Without books (ppl_skipped says why), or with spec.ppl false, only the speed part runs (on the books' first
-    tokens, when there are books). With a cluster, the units run there (eval.executors), the rest here.
-    OUT is locked meanwhile: a second run into it is refused."""
+@dataclass
+class SweepInputs:
+    """What a sweep runs on, loaded (eval.pipeline.load_inputs): the spec with its model, revision and windows as
+    really used, the books, the model and its tokenizer and checkpoint directory, the grid fitted to the model,
+    and why PPL is skipped (None: it is not)."""
+    spec: SweepSpec
+    books: list[Book]
+    model: object
+    tokenizer: object
+    directory: Path
+    grid: Grid
+    ppl_skipped: str | None = None
+
+
+def run_sweep(inputs: SweepInputs, out: Path, command: str, cluster: RayCluster | None = None) -> Path:
+    """Runs what is not done yet and writes OUT/report.md. Without books (inputs.ppl_skipped says why), or with
+    spec.ppl false, only the speed part runs (on the books' first tokens, when there are books). With a cluster,
+    the units run there (eval.executors), the rest here. OUT is locked meanwhile: a second run into it is
+    refused."""
     prepare_out(out)
     with locked(out):
-        planned = plan_sweep(spec, books, model, tokenizer, directory, out, command, ppl_skipped)
-        job = planned.job
+        planned = plan_sweep(inputs, out, command)
+        job, model = planned.job, inputs.model
         if cluster is None:
             run_serial(job.units, model, job.windows, job.meta, job.write)
         else:
@@ -261,10 +274,11 @@ def prepare_out(out: Path):
     check_no_links_out(out)  # a resumed run writes into what it finds there
 
 
-def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: Path, out: Path, command: str,
-               ppl_skipped: str | None = None) -> PlannedSweep:
+def plan_sweep(inputs: SweepInputs, out: Path, command: str) -> PlannedSweep:
     """Everything a sweep does before its units run (OUT locked by the caller); the model plans them (the KV
     each configuration holds, the tasks' examples) and is needed again by finish() only for a speed part."""
+    spec, books, model, tokenizer = inputs.spec, inputs.books, inputs.model, inputs.tokenizer
+    directory, ppl_skipped = inputs.directory, inputs.ppl_skipped
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), clock(model.embed_in.weight.device)
     tokenized = tokenized_books(books, tokenizer, spec.max_tokens) if spec.ppl else []
     settings = sweep_settings(spec, tokenized)
@@ -273,8 +287,7 @@ def plan_sweep(spec: SweepSpec, books: list[Book], model, tokenizer, directory: 
     check_settings(out, settings)
     settings = merged_settings(out, settings)
     window_prompt = spec.ctx_len - spec.stride if spec.mode == "window" else spec.ctx_len
-    grid = expand(spec.policies, model.config)
-    configs, skipped = grid.configs, grid.skipped
+    configs, skipped = inputs.grid.configs, inputs.grid.skipped
     for s in skipped:
         print(f"skipped {s['compressor']} {s['settings']}: {s['reason']}", file=sys.stderr)
     if not configs:

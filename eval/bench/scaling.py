@@ -49,8 +49,8 @@ def result_bytes(out: Path) -> dict[str, bytes]:
 
 def run_once(spec_path: Path, model: str | None, data: list[str], out: Path, batch_windows: int,
              workers: int | None) -> dict:
-    from ..__main__ import LOCAL, run_spec
     from ..grid import load_spec
+    from ..pipeline import LOCAL, run_spec
 
     spec = load_spec(spec_path)
     spec.model = model
