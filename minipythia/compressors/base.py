@@ -224,9 +224,11 @@ def attention_weights(queries: torch.Tensor, keys: torch.Tensor, causal: bool = 
     scaled by hs ** -0.5 as the model's. causal: the queries are those of the last Q positions of the keys
     (query i at position L - Q + i), and each sees the keys up to its own position."""
     L, hs = keys.size(2), keys.size(3)
-    logits = queries.float() @ keys.float().transpose(-1, -2) / math.sqrt(hs)  # (B, nh, Q, L)
+    # In place on the product (the same operations, so the same bits): a (B, nh, Q, L) float32 block is large,
+    # and a fresh one per step costs the allocator its pages again (page faults), more than the step itself.
+    logits = (queries.float() @ keys.float().transpose(-1, -2)).div_(math.sqrt(hs))  # (B, nh, Q, L)
     if causal:
         Q = queries.size(2)
-        visible = torch.arange(L, device=keys.device) <= torch.arange(L - Q, L, device=keys.device)[:, None]
-        logits = logits.masked_fill(~visible, float("-inf"))
+        hidden = torch.arange(L, device=keys.device) > torch.arange(L - Q, L, device=keys.device)[:, None]
+        logits.masked_fill_(hidden, float("-inf"))
     return logits.softmax(dim=-1)

@@ -1,0 +1,234 @@
+"""Where users wait (issue 27), every figure a ratio measured within one run, with its spread.
+
+    python -m minipythia.random_checkpoint 70m weights/random-70m
+    python -m eval.bench.waits --model weights/random-70m [--prompt-len 2048] [--capacity 512] [--new-tokens 16]
+                               [--repeats 3] [--parts policies,allocator,bf16,batch]
+
+Parts (each prints its table as soon as it is measured):
+- policies: per policy, TTFT, the compression's share of it (scoring, selection, gather: the cache's
+  `compress_seconds`; a forward of the policy's own, KVzip's or DuoAttention's `prepare`, shows in TTFT / none
+  only), TTFT and TPOT against no compression and TPOT
+  against SnapKV at the same capacity. Head-wise policies (AdaKV, DuoAttention) are also compared with a
+  uniform cache holding the same total entries (SnapKV at their mean entries per head, "uniform= ..."). The
+  configurations alternate within each repeat, so a machine that slows down slows all of them; a ratio is the
+  median of the per-repeat ratios, [min-max] over repeats.
+- allocator: page faults and time of an uncompressed prefill, in child processes alternating the default
+  glibc allocator and one that keeps freed memory (GLIBC_TUNABLES mmap and trim thresholds at 1 GiB).
+- bf16: TTFT and TPOT of a bfloat16 model against float32, alternating; whether this CPU has native bf16.
+- batch: a 6-configuration sliding-window sweep (eval/configs/bench.yaml) with batch_windows 8 against 1,
+  alternating, and whether the NLLs are the same.
+Writes nothing. The machine is shared: load average printed at the start and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+from minipythia import Pythia, generate
+from minipythia.cli import add_model_args, resolve_model
+from minipythia.compressors.registry import build_compressor
+
+from ..data import random_prompt
+from ..ppl import default_windows, sliding_window_nlls
+from . import sweep_configs
+
+# The policies the issue names, each at --capacity where it has that setting; knorm as one without a scorer.
+POLICIES = ("none", "snapkv", "knorm", "h2o", "merging", "criticalkv", "lagkv", "expected_attention", "kvzip",
+            "adakv", "duo_attention")
+# Keeps freed memory in the heap instead of returning it to the system (which page-faults it in again).
+KEEP_FREED = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """median [min-max]"""
+    return f"{statistics.median(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def policy(name: str, capacity: int, prompt_len: int):
+    if name == "none":
+        return None
+    if name == "knorm":
+        return build_compressor("knorm", {"compression_ratio": 1 - capacity / prompt_len})
+    settings = {} if name == "duo_attention" else {"max_capacity_prompt": capacity}
+    return build_compressor(name, settings)
+
+
+@torch.inference_mode()
+def mean_entries_per_head(model, compressor, prompt: torch.Tensor) -> int:
+    """Entries per (layer, head) on average once `compressor` compressed the prompt's prefill."""
+    cache = model.new_cache(compressor=compressor)
+    model(prompt[None], cache=cache, last_only=True)
+    total = sum(int(cache.lengths(layer).sum()) for layer in range(cache.num_layers))
+    return round(total / (cache.num_layers * model.config.num_attention_heads))
+
+
+def one_run(model, prompt: torch.Tensor, compressor, new_tokens: int) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        g = generate(model, prompt[None], new_tokens, compressor=compressor)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return dict(ttft=g.ttft_s, compress=g.compress_s, tpot=g.tpot_s, kv=g.kv_bytes_compressed, faults=faults)
+
+
+def ratios(runs: dict, a: str, b: str, key: str) -> list[float]:
+    return [x[key] / y[key] for x, y in zip(runs[a], runs[b])]
+
+
+def policies_part(model, prompt, capacity: int, new_tokens: int, repeats: int):
+    configs = {name: policy(name, capacity, len(prompt)) for name in POLICIES}
+    for name in ("adakv", "duo_attention"):  # a uniform cache of the same total entries
+        entries = mean_entries_per_head(model, configs[name], prompt)
+        configs[f"uniform={name}"] = build_compressor("snapkv", {"max_capacity_prompt": entries})
+    for c in configs.values():  # warm-up: allocator, thread pool, each policy's first call
+        one_run(model, prompt[:256], c, 4)
+    runs = {label: [] for label in configs}
+    for _ in range(repeats):
+        for label, c in configs.items():
+            runs[label].append(one_run(model, prompt, c, new_tokens))
+    print(f"\n## Policies: {len(prompt)}-token prompt, capacity {capacity}, {new_tokens} new tokens, "
+          f"{repeats} repeats (median [min-max])\n")
+    print("| policy | TTFT ms | compression % of TTFT | TTFT / none | TPOT ms | TPOT / none | TPOT / snapkv "
+          "| TPOT / uniform of equal entries | KV MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, c in configs.items():
+        r = runs[label]
+        uniform = f"uniform={label}"
+        row = [label if c is None or label.startswith("uniform") else c.label,
+               spread([1e3 * x["ttft"] for x in r], ".0f"),
+               spread([100 * x["compress"] / x["ttft"] for x in r], ".1f"),
+               spread(ratios(runs, label, "none", "ttft")),
+               spread([1e3 * x["tpot"] for x in r]),
+               spread(ratios(runs, label, "none", "tpot")),
+               spread(ratios(runs, label, "snapkv", "tpot")),
+               spread(ratios(runs, label, uniform, "tpot")) if uniform in runs else "",
+               f"{r[-1]['kv'] / 2**20:.1f}"]
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+@torch.inference_mode()
+def prefill_child(model_dir: str, prompt_len: int, repeats: int):
+    """Run in a child process: page faults and seconds of each uncompressed prefill, as JSON."""
+    model = Pythia.from_pretrained(model_dir).for_inference()
+    prompt = random_prompt(prompt_len, model.config.vocab_size)[None]
+    model(prompt[:, :256], cache=model.new_cache(), last_only=True)
+    out = []
+    for _ in range(repeats + 1):
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        model(prompt, cache=model.new_cache(), last_only=True)
+        out.append(dict(s=time.perf_counter() - start,
+                        faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+    print(json.dumps(out[1:]))  # the first one sizes the heap
+
+
+def allocator_part(model_dir: str, prompt_len: int, repeats: int):
+    runs = {"default": [], "keeps freed": []}
+    for _ in range(repeats):
+        for label, tunables in (("default", None), ("keeps freed", KEEP_FREED)):
+            env = dict(os.environ)
+            env.pop("GLIBC_TUNABLES", None)
+            if tunables:
+                env["GLIBC_TUNABLES"] = tunables
+            out = subprocess.run([sys.executable, "-m", "eval.bench.waits", "--model", model_dir, "--prefill-child",
+                                  "--prompt-len", str(prompt_len), "--repeats", "3"],
+                                 env=env, capture_output=True, text=True, check=True).stdout
+            runs[label] += json.loads(out.splitlines()[-1])
+    print(f"\n## Allocator: uncompressed {prompt_len}-token prefill, float32, {len(runs['default'])} prefills each "
+          f"in {repeats} alternating child processes\n")
+    print("| allocator | page faults per prefill | prefill ms | time / default |")
+    print("|---|---|---|---|")
+    for label, r in runs.items():
+        print(f"| {label} | {spread([x['faults'] for x in r], '.0f')} | {spread([1e3 * x['s'] for x in r], '.0f')} "
+              f"| {spread([x['s'] / y['s'] for x, y in zip(r, runs['default'])])} |", flush=True)
+
+
+def bf16_part(model_dir, prompt, new_tokens: int, repeats: int):
+    models = {name: Pythia.from_pretrained(model_dir, dtype=getattr(torch, name)).for_inference()
+              for name in ("float32", "bfloat16")}
+    for m in models.values():
+        one_run(m, prompt[:256], None, 4)
+    runs = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            runs[name].append(one_run(m, prompt, None, new_tokens))
+    print(f"\n## bfloat16 against float32: {len(prompt)}-token prompt, no compression, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}\n")
+    print("| dtype | TTFT ms | TTFT / float32 | TPOT ms | TPOT / float32 |")
+    print("|---|---|---|---|---|")
+    for name, r in runs.items():
+        print(f"| {name} | {spread([1e3 * x['ttft'] for x in r], '.0f')} "
+              f"| {spread(ratios(runs, name, 'float32', 'ttft'))} | {spread([1e3 * x['tpot'] for x in r])} "
+              f"| {spread(ratios(runs, name, 'float32', 'tpot'))} |", flush=True)
+
+
+def batch_part(model, tokens: int, repeats: int):
+    ids = random_prompt(tokens, model.config.vocab_size, seed=1)
+    configs = sweep_configs(model)
+    ctx_len, stride = default_windows(model, 512, 128)
+    seconds = {1: [], 8: []}
+    results = {}
+    for _ in range(repeats):
+        for batch in seconds:
+            start = time.perf_counter()
+            results[batch] = sliding_window_nlls(model, ids, ctx_len, stride, configs, batch_windows=batch)
+            seconds[batch].append(time.perf_counter() - start)
+    same = all(torch.equal(a, b) for a, b in zip(results[1], results[8]))
+    print(f"\n## Batched windows: {len(configs)} configurations, {tokens} tokens, windows {ctx_len}/{stride}, "
+          f"{repeats} alternating repeats\n")
+    print("| batch_windows | seconds | speed / batch_windows 1 | same NLLs |")
+    print("|---|---|---|---|")
+    for batch, s in seconds.items():
+        print(f"| {batch} | {spread(s)} | {spread([a / b for a, b in zip(seconds[1], s)])} | {same} |", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m eval.bench.waits", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--prompt-len", type=int, default=2048)
+    parser.add_argument("--capacity", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-tokens", type=int, default=2048)
+    parser.add_argument("--parts", default="policies,allocator,bf16,batch")
+    parser.add_argument("--prefill-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    directory = str(resolve_model(args.model, args.revision).directory)
+    if args.prefill_child:
+        return prefill_child(directory, args.prompt_len, args.repeats)
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"policies", "allocator", "bf16", "batch"}
+    if unknown:
+        parser.exit(2, f"unknown --parts {', '.join(sorted(unknown))}: choose from policies, allocator, bf16, batch\n")
+    print(f"model {directory}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}; load average {load_average()}; {time.strftime('%Y-%m-%d %H:%M')}")
+    model = Pythia.from_pretrained(directory).for_inference()
+    prompt = random_prompt(args.prompt_len, model.config.vocab_size)
+    if "policies" in parts:
+        policies_part(model, prompt, args.capacity, args.new_tokens, args.repeats)
+    if "allocator" in parts:
+        allocator_part(directory, args.prompt_len, args.repeats)
+    if "bf16" in parts:
+        bf16_part(directory, prompt, args.new_tokens, args.repeats)
+    if "batch" in parts:
+        batch_part(model, args.batch_tokens, args.repeats)
+    print(f"\nload average at the end {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
