@@ -89,9 +89,10 @@ def ratios(runs: dict, a: str, b: str, key: str) -> list[float]:
     return [x[key] / y[key] for x, y in zip(runs[a], runs[b])]
 
 
-def policies_part(model, prompt, capacity: int, new_tokens: int, repeats: int):
-    configs = {name: policy(name, capacity, len(prompt)) for name in POLICIES}
-    for name in ("adakv", "duo_attention"):  # a uniform cache of the same total entries
+def policies_part(model, prompt, capacity: int, new_tokens: int, repeats: int, names=POLICIES):
+    # none and snapkv always: the other ratios are to them
+    configs = {name: policy(name, capacity, len(prompt)) for name in POLICIES if name in {"none", "snapkv", *names}}
+    for name in {"adakv", "duo_attention"} & set(configs):  # a uniform cache of the same total entries
         entries = mean_entries_per_head(model, configs[name], prompt)
         configs[f"uniform={name}"] = build_compressor("snapkv", {"max_capacity_prompt": entries})
     for c in configs.values():  # warm-up: allocator, thread pool, each policy's first call
@@ -206,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--parts", default="policies,allocator,bf16,batch")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="the policies part's policies (comma-separated)")
     parser.add_argument("--prefill-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     directory = str(resolve_model(args.model, args.revision).directory)
@@ -220,7 +222,11 @@ def main(argv=None):
     model = Pythia.from_pretrained(directory).for_inference()
     prompt = random_prompt(args.prompt_len, model.config.vocab_size)
     if "policies" in parts:
-        policies_part(model, prompt, args.capacity, args.new_tokens, args.repeats)
+        names = args.policies.split(",")
+        if set(names) - set(POLICIES):
+            parser.exit(2, f"unknown --policies {', '.join(sorted(set(names) - set(POLICIES)))}: choose from "
+                           f"{', '.join(POLICIES)}\n")
+        policies_part(model, prompt, args.capacity, args.new_tokens, args.repeats, names)
     if "allocator" in parts:
         allocator_part(directory, args.prompt_len, args.repeats)
     if "bf16" in parts:
