@@ -440,5 +440,5 @@ def test_registry_labels_and_delegation():
     ck = ChunkKV(scorer="pyramidkv")
     ck.for_model(PythiaConfig(num_hidden_layers=3))
     assert ck.inner.num_layers == 3
-    with pytest.raises(TypeError, match="chunkkv.scorer must be a str"):
+    with pytest.raises(TypeError, match="chunkkv.scorer must be a policy"):
         ChunkKV(scorer=3)

@@ -208,7 +208,7 @@ def test_an_unusable_out_is_found_before_the_model_loads(tiny_checkpoint, book, 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(eval_cli, "load_for_inference", never)
+    monkeypatch.setattr("eval.pipeline.load_for_inference", never)
     (tmp_path / "a-file").write_text("")
     argv = ["ppl", "--model", str(tiny_checkpoint), "--data", str(book), "--out", str(tmp_path / "a-file")]
     assert run_cli(eval_cli.main, argv) == 2
