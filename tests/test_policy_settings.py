@@ -77,3 +77,24 @@ policies:
     with pytest.raises(ConfigError, match="no setting 'window'"):
         expand(parse_spec("policies:\n  - {compressor: adakv, scorer: {compressor: snapkv, window: 4}}",
                           tmp_path / "u.yaml").policies, SIX_LAYERS)
+
+
+def test_one_compatibility_rule_for_every_wrapper():
+    """A wrapper takes a scorer that does more than score (head-wise budgets, pruned key channels, set values)
+    only when it carries that out; otherwise it would drop it silently, so the scorer is refused, by one rule."""
+    from minipythia import COMPRESSORS
+    from minipythia.compressors.over_scorer import DOES, OverScorer, what_it_does
+
+    wrappers = [cls for cls in COMPRESSORS.values() if issubclass(cls, OverScorer)]
+    assert {cls.name for cls in wrappers} >= {"adakv", "chunkkv", "criticalkv", "criticaladakv", "merging", "think"}
+    for wrapper in wrappers:
+        for name, cls in COMPRESSORS.items():
+            dropped = [DOES[key] for key in what_it_does(cls) if key not in wrapper.carries]
+            if issubclass(cls, wrapper) or not dropped:
+                continue
+            with pytest.raises(ValueError, match=f"scorer cannot be '{name}': {dropped[0]}"):
+                wrapper(scorer=name)
+    # merging kept AdaKV's scores but dropped its head-wise budgets before the rule: refused now
+    with pytest.raises(ValueError, match="heads budgets of their own, which merging does not carry out"):
+        build_compressor("merging", {"scorer": "adakv"})
+    assert build_compressor("think", {"scorer": "merging"}).inner.name == "merging"  # ThinK carries merged values

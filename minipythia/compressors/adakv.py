@@ -3,7 +3,6 @@ from dataclasses import dataclass
 import torch
 
 from .base import CapacityBudget, Compressor
-from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
 from .settings import Policy
@@ -86,17 +85,6 @@ class AdaKV(OverScorer, CapacityBudget, Compressor):
         if not 0.0 <= self.alpha_safeguard <= 1.0:
             raise ValueError(f"alpha_safeguard must be in [0, 1] (the share of the per-head budget each head "
                              f"keeps of its own best entries), got {self.alpha_safeguard}")
-
-    def refused_scorer(self, cls):
-        if issubclass(cls, NoCompression):
-            return "it keeps every entry and scores none"
-        if cls.headwise:
-            return "it already chooses how many entries each head keeps"
-        if cls.prunes_key_channels:
-            return "it prunes key channels, which a head-wise cache does not store"
-        if cls.kept_values is not Compressor.kept_values:
-            return "it sets its kept entries' values itself"
-        return None
 
     def score(self, layer, keys, values, queries):
         return self.inner.score(layer, keys, values, queries)

@@ -3,7 +3,6 @@ from dataclasses import dataclass
 import torch
 
 from .base import CapacityBudget, Compressor
-from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
 from .settings import Policy
@@ -43,11 +42,6 @@ class ChunkKV(OverScorer, CapacityBudget, Compressor):
         super().validate()
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
-
-    def refused_scorer(self, cls):
-        if issubclass(cls, NoCompression):
-            return "it keeps every entry and scores none"
-        return None
 
     def decode_queries(self):
         return self.scorer_decode_queries()

@@ -5,7 +5,6 @@ import torch
 
 from .adakv import AdaKV, adaptive_selection
 from .base import CapacityBudget, Compressor
-from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
 from .settings import Policy
@@ -100,17 +99,6 @@ class CriticalKV(OutputProjectionNorms, OverScorer, CapacityBudget, Compressor):
     def validate(self):
         super().validate()
         check_stages(self.first_stage_ratio, self.epsilon)
-
-    def refused_scorer(self, cls):
-        if issubclass(cls, NoCompression):
-            return "it keeps every entry and scores none"
-        if cls.headwise:
-            return "it gives heads budgets of their own; use criticaladakv for CriticalKV with head-wise budgets"
-        if cls.prunes_key_channels:
-            return "it prunes key channels"
-        if cls.kept_values is not Compressor.kept_values:
-            return "it sets its kept entries' values itself"
-        return None
 
     def score(self, layer, keys, values, queries):
         scores = self.inner.score(layer, keys, values, queries)  # (B, nh, L)

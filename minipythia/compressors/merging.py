@@ -5,7 +5,6 @@ import torch.nn.functional as F
 
 from .base import CapacityBudget, Compressor, attention_weights
 from .h2o import QUERY_CHUNK
-from .none import NoCompression
 from .over_scorer import OverScorer
 from .registry import register
 from .settings import Policy
@@ -70,15 +69,6 @@ class Merging(OverScorer, CapacityBudget, Compressor):
         if self.merge_budget < 1:
             raise ValueError(f"merge_budget must be >= 1 (entries each evicted value is merged into), "
                              f"got {self.merge_budget}")
-
-    def refused_scorer(self, cls):
-        if issubclass(cls, NoCompression):
-            return "it keeps every entry, so nothing would be merged"
-        if cls.prunes_key_channels:
-            return f"it prunes key channels; compose the other way round ({cls.name} with scorer 'merging')"
-        if cls.kept_values is not Compressor.kept_values:
-            return "it sets its kept entries' values itself"
-        return None
 
     def decode_queries(self):
         # Scorers that read no query (by position, by key) ignore the one kept for the merge probability.

@@ -56,10 +56,8 @@ class ThinK(OverScorer, CapacityBudget, Compressor):
         if self.window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {self.window_size}")
 
-    def refused_scorer(self, cls):
-        if cls.prunes_key_channels:
-            return "ThinK needs a policy that evicts entries, and prunes the key channels itself"
-        return None
+    carries = frozenset({"sets_values"})  # (kept_values delegates to the scorer)
+    needs_scores = False  # scorer none: channel pruning alone
 
     def pruned_channels(self, head_size: int) -> int:
         """How many channels of a head are pruned: int(head_size * key_channel_compression_ratio), as the
