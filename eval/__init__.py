@@ -16,10 +16,10 @@ The tasks beyond PPL (recall, needle, continuation) are in eval.tasks.
 from .data import Book, DataError, load_books, tokenized_books
 from .grid import ConfigError, SweepSpec, expand, load_spec
 from .pipeline import run_spec
-from .ppl import run_ppl, sliding_window_nll, sliding_window_nlls, windows
+from .ppl import sliding_window_nll, sliding_window_nlls, windows
 from .report import write_report
 from .speed import measure
 from .sweep import run_sweep
 
-__all__ = ["Book", "ConfigError", "DataError", "SweepSpec", "expand", "load_books", "load_spec", "measure", "run_ppl",
+__all__ = ["Book", "ConfigError", "DataError", "SweepSpec", "expand", "load_books", "load_spec", "measure",
            "run_spec", "run_sweep", "sliding_window_nll", "sliding_window_nlls", "tokenized_books", "windows", "write_report"]

@@ -23,7 +23,6 @@ from minipythia.timing import clock
 
 from .nll import nonfinite_nll, retained, token_nll
 from .replay import score_replays
-from .results import append_jsonl, read_jsonl
 from .stream import stream_nlls
 
 
@@ -365,40 +364,3 @@ def book_records(model, name: str, source: str, ids: torch.Tensor, configs: list
             record["kept_by_head"] = [[round(x, 2) for x in row] for row in scores.kept_by_head]
         records.append(record)
     return records, seconds
-
-
-def run_ppl(model, books: list[tuple[str, str, torch.Tensor]], configs: list[Compressor], meta: dict, ctx_len: int,
-            stride: int | None, max_tokens: int | None, path_of, mode: str = "window",
-            decode_interval: int | None = None, short_context: int | None = None, batch_windows: int = 1
-            ) -> list[dict]:
-    """PPL of every (book, config) not yet in its config's jsonl file, appended as each book finishes
-    (book_records' records). The sweep runs the same per-book work as units (eval.units).
-
-    books: (name, source, ids); meta: model, revision, dtype (in every record and key).
-    path_of(config) -> the jsonl file of that config (the sweep's folder of that config).
-    Returns the records of all requested pairs, resumed ones included.
-    mode: "window" (sliding windows of ctx_len tokens advancing by stride) or "stream" (eval/stream.py: token
-    by token, restarting every ctx_len tokens, compressing during decoding every decode_interval; no stride).
-    short_context (window mode): also score each window against full KV and a control of this many tokens of
-    context (reference_fields), from the same forwards. batch_windows: windows per forward (the same NLLs).
-    """
-    base = ppl_base(meta, mode, ctx_len, stride, max_tokens, decode_interval)
-    done = {record_key(r): r for path in dict.fromkeys(path_of(c) for c in configs)
-            for r in read_jsonl(path, PPL_RECORD_KEYS)}
-    records = []
-    for name, source, ids in books:
-        keyed = [(c, record_key(dict(base, book=name, label=c.label))) for c in configs]
-        pending = [c for c, key in keyed if key not in done]
-        if len(pending) < len(configs):
-            paths = {str(path_of(c)) for c, key in keyed if key in done}
-            where = paths.pop() if len(paths) == 1 else f"their {len(paths)} result files"
-            print(f"{name}: {len(configs) - len(pending)} config(s) already in {where}, skipped", file=sys.stderr)
-        fresh = {}
-        if pending:
-            rows, _ = book_records(model, name, source, ids, pending, base, ctx_len, stride, mode, decode_interval,
-                                   short_context, batch_windows)
-            for c, record in zip(pending, rows):
-                append_jsonl(path_of(c), record)
-                fresh[c.label] = record
-        records += [fresh.get(c.label) or done[key] for c, key in keyed]
-    return records

@@ -134,7 +134,7 @@ class Results:
     title: str
     header: list[str]  # markdown lines naming the model, data, machine and runs
     model: str
-    ppl: list[dict]  # eval.ppl.run_ppl records
+    ppl: list[dict]  # eval.ppl.book_records' records
     speed: list[dict]  # speed rows; compressed ones carry `reference` (none, measured in the same run)
     speed_heading: str
     configs: list[dict]  # {label, compressor, settings, kept} in run order (kept: entries per head, when known)

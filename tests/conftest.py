@@ -310,3 +310,14 @@ def result_files(out: Path) -> dict[str, bytes]:
             summary = json.loads(path.read_text())
             files[name] = json.dumps({k: v for k, v in summary.items() if k not in ("runs", "machine")}).encode()
     return files
+
+
+def score_examples(task, model, examples, configs, meta: dict, path_of):
+    """Each configuration's record on each example, appended to path_of(config) one example at a time: what a
+    sweep's units write (eval.tasks.example_records is the step they run)."""
+    from eval.results import append_jsonl
+    from eval.tasks import example_records
+
+    for example in examples:
+        for c, record in zip(configs, example_records(task, model, [example], configs, meta)[0]):
+            append_jsonl(path_of(c), record)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from eval.__main__ import main
 from eval.data import DataError, load_books, tokenized_books
-from eval.ppl import run_ppl, sliding_window_nll, sliding_window_nlls, windows
+from eval.ppl import book_records, ppl_base, sliding_window_nll, sliding_window_nlls, windows
 from eval.results import append_jsonl, read_jsonl
 from minipythia import KnormPress, NoCompression, Pythia, SnapKV, Tokenizer
 from minipythia.cli import run_cli
@@ -166,31 +166,15 @@ def test_window_arguments_are_checked(tiny):
 # --- results, resume, data ------------------------------------------------------------------------------------
 
 
-def test_run_ppl_writes_records_and_resume_skips_them(tiny, tmp_path, monkeypatch):
-    books = [("a", "a.txt", ids_of(150, 1)), ("b", "b.txt", ids_of(100, 2))]
+def test_book_records_hold_each_configs_ppl(tiny):
     meta = dict(model="tiny", revision=None, dtype="float32")
-    configs = [NoCompression(), KnormPress(0.5)]
-    def path_of(c):
-        return tmp_path / "ppl.jsonl"
-
-    first = run_ppl(tiny, books, configs, meta, 64, 32, None, path_of)
-    lines = read_jsonl(tmp_path / "ppl.jsonl")
-    assert len(lines) == 4 and lines == first
-    assert PPL_FIELDS <= set(lines[0])
-    assert lines[0]["tokens"] == 149 and lines[0]["settings"] == {} and lines[1]["settings"]["compression_ratio"] == 0.5
-    assert lines[0]["ppl"] == pytest.approx(math.exp(lines[0]["nll_sum"] / 149))
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a finished (book, config) was computed again")
-
-    monkeypatch.setattr("eval.ppl.sliding_window_scores", fail)
-    assert run_ppl(tiny, books, configs, meta, 64, 32, None, path_of) == first
-    assert len(read_jsonl(tmp_path / "ppl.jsonl")) == 4
-    monkeypatch.undo()
-    with open(tmp_path / "ppl.jsonl", "a") as f:
-        f.write('{"book": "cut off by a kill')  # an interrupted write: ignored, and the next record starts afresh
-    run_ppl(tiny, books, [SnapKV(window_size=4, max_capacity_prompt=16)], meta, 64, 32, None, path_of)
-    assert [r["label"] for r in read_jsonl(tmp_path / "ppl.jsonl")][4:] == ["snapkv_w4_c16_k5_avgpool"] * 2
+    base = ppl_base(meta, "window", 64, 32, None)
+    for name, ids in (("a", ids_of(150, 1)), ("b", ids_of(100, 2))):
+        records, seconds = book_records(tiny, name, f"{name}.txt", ids, [NoCompression(), KnormPress(0.5)], base, 64, 32)
+        assert len(records) == len(seconds) == 2 and PPL_FIELDS <= set(records[0])
+        assert records[0]["tokens"] == len(ids) - 1 and records[0]["settings"] == {}
+        assert records[1]["settings"]["compression_ratio"] == 0.5 and records[1]["book"] == name
+        assert records[0]["ppl"] == pytest.approx(math.exp(records[0]["nll_sum"] / records[0]["tokens"]))
 
 
 def test_append_jsonl_roundtrip(tmp_path):

@@ -11,7 +11,8 @@ from rouge_score import rouge_scorer
 
 import eval.tasks.continuation  # noqa: F401  (registers the task)
 from eval.results import read_jsonl
-from eval.tasks import TASKS, TextSource, build_task, run_task, sample_text
+from conftest import score_examples
+from eval.tasks import TASKS, TextSource, build_task, sample_text
 from minipythia import KnormPress, NoCompression, Pythia, SnapKV, StreamingLLM, Tokenizer, generate
 from minipythia.weights import EMBEDDED_MODEL
 
@@ -55,7 +56,7 @@ def run(task, model, examples, configs, folder) -> dict[str, list[dict]]:
     """Each config's records, in the examples' order."""
     folder.mkdir(exist_ok=True)
     path_of = lambda c: folder / f"{c.label}.jsonl"  # noqa: E731
-    run_task(task, model, examples, configs, META, path_of)
+    score_examples(task, model, examples, configs, META, path_of)
     return {c.label: read_jsonl(path_of(c)) for c in configs}
 
 

@@ -11,7 +11,8 @@ import torch
 
 import eval.tasks.needle  # noqa: F401  (registers the task)
 from eval.results import read_jsonl
-from eval.tasks import TextSource, build_task, run_task, sample_text
+from conftest import score_examples
+from eval.tasks import TextSource, build_task, sample_text
 from eval.tasks.needle import FACT, FACT_QUESTION, KEY_WORDS, PASSKEY, PASSKEY_QUESTION, Needle
 from minipythia import NoCompression, Pythia, SnapKV, StreamingLLM, Tokenizer
 from minipythia.weights import EMBEDDED_MODEL
@@ -136,7 +137,7 @@ def test_full_kv_budgets_retain_exactly_one(model, text, tmp_path):
     task = build_task("needle", dict(kinds=["passkey", "multikey"], contexts=[200], depths=[0.5], trials=1))
     examples = task.examples(text, model)
     configs = [NoCompression(), SnapKV(window_size=8, max_capacity_prompt=256)]  # 256 >= the 200-token prompt
-    run_task(task, model, examples, configs, META, lambda c: tmp_path / f"{c.label}.jsonl")
+    score_examples(task, model, examples, configs, META, lambda c: tmp_path / f"{c.label}.jsonl")
     for config in configs:
         records = read_jsonl(tmp_path / f"{config.label}.jsonl")
         assert [r["example"]["kind"] for r in records] == ["passkey", "multikey"]

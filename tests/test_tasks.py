@@ -20,8 +20,9 @@ from eval.__main__ import main
 from eval.grid import ConfigError, parse_spec
 from eval.ppl import sliding_window_nll, sliding_window_scores
 from eval.results import read_jsonl
-from eval.tasks import TextSource, build_task, run_task, sample_text
-from minipythia import H2O, KnormPress, NoCompression, Pythia, SnapKV, StreamingLLM, Tokenizer
+from conftest import score_examples
+from eval.tasks import TextSource, build_task, sample_text
+from minipythia import H2O, NoCompression, Pythia, SnapKV, StreamingLLM, Tokenizer
 from minipythia.cli import run_cli
 from minipythia.weights import EMBEDDED_MODEL
 
@@ -39,7 +40,7 @@ def text(model):
 
 
 def scored(task, model, text, configs, tmp_path):
-    run_task(task, model, task.examples(text, model), configs, META, lambda c: tmp_path / f"{c.label}.jsonl")
+    score_examples(task, model, task.examples(text, model), configs, META, lambda c: tmp_path / f"{c.label}.jsonl")
     return {c.label: read_jsonl(tmp_path / f"{c.label}.jsonl") for c in configs}
 
 
@@ -118,21 +119,6 @@ def test_recall_rejects_settings_it_cannot_use(model, text):
         build_task("recal", {})
 
 
-def test_run_task_appends_per_example_and_skips_what_is_done(model, text, tmp_path, monkeypatch):
-    task = build_task("recall", dict(contexts=[300], depths=[0.3, 0.6], trials=1))
-    examples = task.examples(text, model)
-    path_of = lambda c: tmp_path / f"{c.label}.jsonl"  # noqa: E731
-    run_task(task, model, examples[:1], [NoCompression()], META, path_of)
-    calls = []
-    real = task.score
-    monkeypatch.setattr(type(task), "score",
-                        lambda self, m, e, cs: calls.append([c.label for c in cs]) or real(m, e, cs))
-    run_task(task, model, examples, [NoCompression(), KnormPress(0.5)], META, path_of)
-    assert calls == [["knorm_r0.5"], ["none", "knorm_r0.5"]]  # the first example's none was already there
-    assert eval.tasks.base.task_complete(path_of(NoCompression()), task, examples, META, "none")
-    assert [r["example"]["depth"] for r in read_jsonl(path_of(NoCompression()))] == [0.3, 0.6]
-
-
 # --- PPL's references ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -163,12 +149,10 @@ def test_ppl_short_context_control_is_the_same_targets_from_their_last_tokens(mo
 
 
 def test_ppl_records_carry_retained_and_key_tokens(tiny_checkpoint, tmp_path, model, book_ids):
-    from eval.ppl import run_ppl
+    from eval.ppl import book_records, ppl_base
 
-    path_of = lambda c: tmp_path / f"{c.label}.jsonl"  # noqa: E731
-    run_ppl(model, [("b", "s", book_ids)], [NoCompression(), H2O(max_capacity_prompt=64)], META, 256, 64, None,
-            path_of, short_context=32)
-    (none,), (h2o,) = read_jsonl(path_of(NoCompression())), read_jsonl(path_of(H2O(max_capacity_prompt=64)))
+    (none, h2o), _ = book_records(model, "b", "s", book_ids, [NoCompression(), H2O(max_capacity_prompt=64)],
+                                  ppl_base(META, "window", 256, 64, None), 256, 64, short_context=32)
     assert none["retained"] == 1.0 and none["kl"] == 0.0 and none["top1"] == 1.0 and none["short_context"] == 32
     assert none["compressed_tokens"] == h2o["compressed_tokens"] == 700 - 256
     assert h2o["kl"] > 0 and h2o["retained"] < 1.0 and h2o["gain_full"] == none["gain_full"] > 0

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 
 from .base import (TASK_RECORD_KEYS, TASKS, Example, Task, TextSource, build_task, example_records, example_shape,
-                   record_key, register_task, run_task, sample_text, task_complete)
+                   record_key, register_task, sample_text, task_complete)
 
 # Every module of this package registers its task on import: a new task is one new file. Alphabetical.
 for _module in pkgutil.iter_modules(__path__):
@@ -18,4 +18,4 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["TASK_RECORD_KEYS", "TASKS", "Example", "Task", "TextSource", "build_task", "example_records",
-           "example_shape", "record_key", "register_task", "run_task", "sample_text", "task_complete"]
+           "example_shape", "record_key", "register_task", "sample_text", "task_complete"]

@@ -13,8 +13,8 @@ prefill (eval.replay). Every record a task writes carries:
     weight      scored tokens: a configuration's retained over many examples is
                 sum(weight * gain) / sum(weight * gain_full)
 
-and its own raw metrics. `run_task` appends one record per (example, configuration) to the configuration's
-`<task>.jsonl` as each example finishes, and skips the pairs already there.
+and its own raw metrics. `example_records` gives one record per (example, configuration); the sweep (eval.units)
+appends them to the configuration's `<task>.jsonl` as each example finishes, and skips the pairs already there.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from minipythia.compressors.settings import settings_of
 
 from ..nll import retained, token_nll
 from ..replay import score_replays
-from ..results import append_jsonl, read_jsonl
+from ..results import read_jsonl
 
 # What resuming and the report read of a task record; one without them is quarantined (eval.results).
 TASK_RECORD_KEYS = ("task", "label", "model", "dtype", "example", "gain_full", "gain", "weight")
@@ -182,18 +182,6 @@ def gains(control: float, full: float, this: float, weight: int) -> dict:
 def record_key(r: dict) -> tuple:
     """What identifies a (task, example, config) result: reruns skip the keys already in <task>.jsonl."""
     return (r["task"], r["model"], r.get("revision"), r["dtype"], r["label"], json.dumps(r["example"], sort_keys=True))
-
-
-def run_task(task: Task, model, examples: list[Example], configs: list[Compressor], meta: dict, path_of) -> None:
-    """Scores every (example, config) not yet in its config's <task>.jsonl, appended as each example finishes.
-    meta: model, revision, dtype (in every record and key); path_of(config) -> that config's <task>.jsonl."""
-    done = {record_key(r) for c in configs for r in read_jsonl(path_of(c), TASK_RECORD_KEYS)}
-    base = dict(meta, task=task.name)
-    for example in tqdm(examples, desc=f"{task.name} ({len(configs)} configs)", unit="example", file=sys.stderr):
-        keys = {c.label: record_key(dict(base, label=c.label, example=example.key)) for c in configs}
-        pending = [c for c in configs if keys[c.label] not in done]
-        for c, record in zip(pending, example_records(task, model, [example], pending, meta)[0] if pending else []):
-            append_jsonl(path_of(c), record)
 
 
 def example_records(task: Task, model, examples: list[Example], configs: list[Compressor], meta: dict
