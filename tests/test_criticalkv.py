@@ -15,6 +15,7 @@ from conftest import random_ids
 from minipythia import COMPRESSORS, KVCache, Prefill, Pythia, PythiaConfig, SnapKV, build_compressor
 from minipythia.compressors.adakv import AdaKV, adaptive_selection
 from minipythia.compressors.criticalkv import CriticalAdaKV, CriticalKV
+from minipythia.compressors import criticalkv as criticalkv_module
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -177,6 +178,19 @@ def test_output_projection_orientation():
         y[..., h * D:(h + 1) * D] = v[:, h]
         expected = (dense(y) - dense.bias).abs().sum(dim=-1)
         assert torch.allclose(got[:, h], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3 * 2 * 7 * 24, 10**9])  # one head at a time, some heads (3 of 8), all
+def test_projected_norm_in_head_blocks_is_bitwise_the_per_head_norm(monkeypatch, block):
+    """Heads are projected a block at a time (PROJECTION_BLOCK); each head's norm keeps the bits of its own product."""
+    B, H, L, D = 2, 8, 7, 3
+    g = torch.Generator().manual_seed(5)
+    v, w = torch.randn(B, H, L, D, generator=g), torch.randn(H * D, 24, generator=g)
+    monkeypatch.setattr(criticalkv_module, "PROJECTION_BLOCK", block)
+    ckv = CriticalKV(max_capacity_prompt=2, scorer="knorm")
+    ckv.prepare(fake_model([w.t()]), torch.zeros(B, L, dtype=torch.long))
+    per_head = torch.stack([(v[:, h] @ w[h * D:(h + 1) * D]).abs().sum(dim=-1) for h in range(H)], dim=1)
+    assert torch.equal(ckv.projected_norm(0, v), per_head)
 
 
 @pytest.fixture(scope="module")

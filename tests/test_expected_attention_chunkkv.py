@@ -133,6 +133,19 @@ def test_expected_attention_without_covariance_or_vnorm_by_hand():
     assert cache.positions(0)[0, 0].tolist() == [0, 1, 2]  # the sink, then the two best keys
 
 
+def test_expected_attention_rotations_kept_per_prompt_length_change_nothing():
+    """The rotations are computed once per prompt length and reused by later layers: scoring prompts of other
+    lengths in between, or with another model's rotary, gives a fresh policy's scores bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    reused = ExpectedAttention(max_capacity_prompt=4, n_future_positions=5, n_sink=2)
+    for L, rotary_pct in [(9, 0.25), (12, 0.25), (9, 0.25), (9, 0.5)]:
+        q, k, v = (torch.randn(2, 3, L, 8, generator=g) for _ in range(3))
+        fresh = ExpectedAttention(max_capacity_prompt=4, n_future_positions=5, n_sink=2)
+        for policy in (reused, fresh):
+            policy.for_model(one_layer_config(3, 8, rotary_pct))
+        assert torch.equal(reused.score(0, k, v, q), fresh.score(0, k, v, q))
+
+
 def test_expected_attention_of_one_query_is_its_attention_at_the_next_position():
     """Queries that are all one pre-rotary vector x (each rotated at its own position): their mean is x and
     their covariance 0, so with one future position the expected query is x rotated to position L, and the

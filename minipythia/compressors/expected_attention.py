@@ -52,6 +52,8 @@ class ExpectedAttention(CapacityBudget, Compressor):
         super().__post_init__()
         # A plain attribute, not a setting: the model's config, for its rotary (set by for_model).
         self.model_config = None
+        # rotations() of the last prompt length: (its key, its tensors), None before the first.
+        self.cached_rotations = None
 
     def validate(self):
         super().validate()
@@ -76,38 +78,48 @@ class ExpectedAttention(CapacityBudget, Compressor):
         if queries.size(2) != L:
             raise ValueError(f"ExpectedAttention scores a prefill (one query per key, at positions 0 .. L-1); got "
                              f"{queries.size(2)} queries for {L} keys")
-        s, config = self.n_sink, self.model_config
+        s = self.n_sink
         if L <= s:  # only sinks (the cache never asks: it scores prompts longer than C > n_sink)
             return keys.new_full((B, H, L), float("inf"), dtype=torch.float32)
-        nd = config.rotary_ndims
+        nd = self.model_config.rotary_ndims
+        unrotate_cos, unrotate_sin, r_t = self.rotations(L, d, keys.device)
 
         # The prompt's queries before rotary: rotating by -angle undoes the rotation by +angle.
         q = queries[:, :, s:].float().clone()  # (B, H, L - s, d), a copy: rotated in place below
         if nd:
-            cos, sin = rotary_cos_sin(config, s, L - s, q.device, torch.float32)
-            q[..., :nd] = _rotate(q[..., :nd], cos, -sin)
-        mu = q.mean(dim=2)  # (B, H, d)
-
-        # The mean of the future positions' rotation matrices is the rotary formula with the mean cos and
-        # sin (per feature). Applied to the rows of the identity it gives R^T, rotary features only.
-        r_t = torch.eye(d, device=q.device)
-        if nd:
-            cos, sin = rotary_cos_sin(config, L, self.n_future_positions, q.device, torch.float32)
-            r_t[:nd, :nd] = _rotate(r_t[:nd, :nd], cos.mean(dim=0), sin.mean(dim=0))
-        mu = mu @ r_t  # (R mu)^T
+            q[..., :nd] = _rotate(q[..., :nd], unrotate_cos, unrotate_sin)
+        mean = q.mean(dim=2, keepdim=True)  # (B, H, 1, d)
+        mu = mean.squeeze(2) @ r_t  # (R mu)^T, (B, H, d)
 
         k = keys[:, :, s:].float()  # (B, H, L - s, d)
         logits = k @ mu.unsqueeze(-1) / d**0.5  # (B, H, L - s, 1)
         if self.use_covariance:
-            centered = q - q.mean(dim=2, keepdim=True)
+            centered = q.sub_(mean)  # q is not read again
             cov = centered.transpose(-1, -2) @ centered / (L - s)  # (B, H, d, d)
             cov = r_t.T @ cov @ r_t  # R Sigma R^T
-            logits = logits + ((k @ cov) * k).sum(dim=-1, keepdim=True) / (2 * d)
+            logits = logits + (k @ cov).mul_(k).sum(dim=-1, keepdim=True) / (2 * d)
         scores = logits.squeeze(-1).softmax(dim=-1)  # over the non-sink keys only, as kvpress
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values[:, :, s:].float().norm(dim=-1)
         sinks = scores.new_full((B, H, s), float("inf"))  # always kept
         return torch.cat((sinks, scores), dim=-1)  # (B, H, L)
+
+    def rotations(self, L: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a prompt of L tokens: the cos and -sin that undo the rotary of positions n_sink .. L-1
+        (L - n_sink, rotary_ndims), and R^T (d, d), R the mean rotation of the n_future_positions after the
+        prompt. The same for every layer: computed at the first layer of a prompt length, kept for the others."""
+        key = (L, d, device, self.model_config, self.n_sink, self.n_future_positions)
+        if self.cached_rotations is None or self.cached_rotations[0] != key:
+            config, s, nd = self.model_config, self.n_sink, self.model_config.rotary_ndims
+            cos, sin = rotary_cos_sin(config, s, L - s, device, torch.float32)
+            # The mean of the future positions' rotation matrices is the rotary formula with the mean cos and
+            # sin (per feature). Applied to the rows of the identity it gives R^T, rotary features only.
+            r_t = torch.eye(d, device=device)
+            if nd:
+                future_cos, future_sin = rotary_cos_sin(config, L, self.n_future_positions, device, torch.float32)
+                r_t[:nd, :nd] = _rotate(r_t[:nd, :nd], future_cos.mean(dim=0), future_sin.mean(dim=0))
+            self.cached_rotations = (key, (cos, -sin, r_t))
+        return self.cached_rotations[1]
 
 
 def _rotate(x, cos, sin):

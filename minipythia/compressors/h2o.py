@@ -52,6 +52,6 @@ class H2O(CapacityBudget, Compressor):
             end = min(start + QUERY_CHUNK, L)
             # Queries start..end-1 are the last of keys 0..end-1, and see no later key.
             attn = attention_weights(queries[:, :, start - offset : end - offset], keys[:, :, :end])
-            received[..., :end] += attn.sum(dim=-2)  # (B, nh, end)
+            received[..., :end].add_(attn.sum(dim=-2))  # (B, nh, end); add_, as `+=` on a slice copies it back
         received[..., L - self.n_recent :] = float("inf")  # the recent tokens are always kept
         return received

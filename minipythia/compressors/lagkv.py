@@ -83,5 +83,6 @@ def lag_relative_spread(x: torch.Tensor) -> torch.Tensor:
     reference = x[:, :, 1:]
     low, high = reference.amin(dim=3, keepdim=True), reference.amax(dim=3, keepdim=True)
     constant = high == low
-    normalised = (x[:, :, :-1] - low) / (high - low).masked_fill(constant, 1.0)
-    return normalised.masked_fill(constant, 0.0).std(dim=-1).softmax(dim=-1)
+    # In place on the one fresh block (x[:, :, :-1] - low): the same operations, one (..., lag, D) block, not three.
+    normalised = (x[:, :, :-1] - low).div_((high - low).masked_fill_(constant, 1.0))
+    return normalised.masked_fill_(constant, 0.0).std(dim=-1).softmax(dim=-1)

@@ -96,7 +96,7 @@ def received_attention(keys: torch.Tensor, queries: torch.Tensor) -> torch.Tenso
     for start in range(0, Q, QUERY_CHUNK):  # a (B, nh, QUERY_CHUNK, L) block at a time, as H2O
         end = min(start + QUERY_CHUNK, Q)
         seen = L - Q + end  # the chunk's queries are the last of these keys
-        total[..., :seen] += attention_weights(queries[:, :, start:end], keys[:, :, :seen]).sum(dim=-2)
+        total[..., :seen].add_(attention_weights(queries[:, :, start:end], keys[:, :, :seen]).sum(dim=-2))
     return total
 
 
@@ -124,7 +124,10 @@ def merge_values(values: torch.Tensor, prob: torch.Tensor, merge_budget: int) ->
     merged = values.float().clone()
     L = merged.size(2)
     rate = prob / receivers(L, merge_budget, prob.device).clamp(min=1)
-    # In place and in order: what an entry passes on includes what the earlier ones merged into it.
+    rate_at = rate.permute(2, 0, 1)[..., None, None]  # (L, B, nh, 1, 1): position i's rates in one indexing step
+    # In place and in order: what an entry passes on includes what the earlier ones merged into it. A sequential
+    # cascade, one step per merged position: each step is kept to two operations on a view (add_ on the slice, not
+    # `+=`, which would copy the slice back onto itself), since at a step's size the dispatch is most of the cost.
     for i in (prob > 0).flatten(0, 1).any(dim=0).nonzero().flatten().tolist():
-        merged[:, :, i + 1 : i + 1 + merge_budget] += rate[:, :, i, None, None] * merged[:, :, i : i + 1]
+        merged[:, :, i + 1 : i + 1 + merge_budget].add_(rate_at[i] * merged[:, :, i : i + 1])
     return merged
