@@ -61,9 +61,13 @@ policies:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     killed_mid_run, progress = 0, []
     for _ in range(KILLS):
+        before = len(results(out)) if out.is_dir() else 0
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # The interpreter and torch take a second or two to start; the sweep itself about run_seconds.
-        time.sleep(rng.uniform(1.0, 2.0 + run_seconds))
+        # Killed at a random moment once the run has written something new (however slow the machine is today):
+        # mid-run, unless it had nothing left to do.
+        while process.poll() is None and (len(results(out)) if out.is_dir() else 0) == before:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, run_seconds / 9))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             killed_mid_run += 1
