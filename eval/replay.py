@@ -6,7 +6,7 @@ the prefill's last logits, which saw the full KV whatever the compressor (as gen
 B prompts of one length with B rows of targets of one length are scored the same way, as one batch: the
 caches keep each row's entries apart, so each row is compressed as it would be alone; a policy whose rows
 would depend on each other in one cache (its draws laid out by row, Compressor.rows_interact, or heads padded to
-the batch's longest, KVCache.headwise) is replayed one row at a time.
+the batch's longest, Compressor.headwise_at) is replayed one row at a time.
 Kept entries are copies of the one prefill's, so caches that kept the same positions (and hold copies of them,
 KVCache.holds_copies) are the same cache and give the same logits: those are measured once (a budget at or above the prompt keeps
 everything, as none does, and so gives exactly none's figures).
@@ -72,14 +72,15 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
     measured: list[tuple[Kept, Result]] = []
     for i, compressor in enumerate(compressors):
         t = clock(device)
-        cache = prefill.replay(model, compressor)
-        if targets.size(0) > 1 and (cache.headwise or compressor is not None and compressor.rows_interact):
+        by_row = targets.size(0) > 1 and compressor is not None and (compressor.rows_interact or any(
+            map(compressor.headwise_at, range(model.config.num_hidden_layers))))
+        if by_row:
             # Its rows would depend on each other in one cache: each row alone, as a batch of one would be.
-            headwise, logits, heads = cache.headwise, [], 0
-            del cache
+            headwise, logits, heads = False, [], 0
             for b in range(targets.size(0)):
                 row = prefill.row(b)
                 cache = row.replay(model, compressor)
+                headwise = cache.headwise
                 heads = heads + Kept.of(cache).per_head()
                 logits.append(forced_logits(model, row, cache, targets[b : b + 1]))
                 del cache
@@ -87,6 +88,7 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
                 per_head[i] = heads + (0 if per_head[i] is None else per_head[i])
             results.append(measure(torch.cat(logits)))
         else:
+            cache = prefill.replay(model, compressor)
             kept = Kept.of(cache)
             if per_head is not None and cache.headwise:
                 per_head[i] = kept.per_head() + (0 if per_head[i] is None else per_head[i])

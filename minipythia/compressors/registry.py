@@ -83,7 +83,7 @@ def build_policy(spec, shared: dict, owner: str) -> tuple[str | dict, Compressor
         if key in STORAGE_SETTINGS and value != fields[key].default:
             raise ValueError(f"{owner}'s {name} cannot set {key}: storage is {owner}'s own setting")
         value = fields[key].check(value, name) if key in fields else value
-        if key in shared and value not in (shared[key], fields[key].default):  # (a Compressor carries its default)
+        if key in shared and key in fields and value not in (shared[key], fields[key].default):  # (a Compressor carries its default)
             raise ValueError(f"{owner}'s {name} takes {key} from {owner} ({shared[key]}); leave it out")
     # The short form keeps what differs from the defaults, as the settings record them (lists, not tuples).
     own = {k: v for k, v in given.items() if k not in shared and k in fields and fields[k].check(v, name) != fields[k].default}
