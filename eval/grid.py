@@ -450,9 +450,11 @@ def folder_name(label: str) -> str:
     return re.sub(r"^\.+", lambda dots: "-" * len(dots.group()), name) or "-"
 
 
-def expand(policies: list[Policy], model_config) -> Grid:
+def expand(policies: list[Policy], model_config, future_known: bool = False) -> Grid:
     """Every combination of every entry, built by minipythia's builder and fitted to the model
-    (Compressor.for_model); combinations the policy rejects, or that lack data (missing_input), are skipped."""
+    (Compressor.for_model); combinations the policy rejects, or that lack data (missing_input), are skipped.
+    future_known: the run gives a compressor that sees the future what it needs (eval.replay: the targets that
+    follow each prompt), so the oracle is not skipped for lacking it."""
     configs, skipped, seen = [], [], {}
     for policy in policies:
         keys = list(policy.axes)
@@ -461,7 +463,8 @@ def expand(policies: list[Policy], model_config) -> Grid:
             try:
                 compressor = build_compressor(policy.compressor, settings)
                 compressor.for_model(model_config)
-                compressor.check_input()
+                if not (future_known and compressor.sees_future):
+                    compressor.check_input()
             except ValueError as e:
                 skipped.append(dict(compressor=policy.compressor, settings=settings, reason=str(e)))
                 continue

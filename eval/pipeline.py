@@ -116,7 +116,8 @@ def load_inputs(spec: SweepSpec) -> SweepInputs:
         ppl_skipped = "No PPL: this run measured speed only."
     choice = resolve_model(spec.model, spec.revision)
     config = read_config(choice.directory)  # what can be checked before the weights load
-    grid = expand(spec.policies, config)
+    # PPL windows and tasks teacher-force the tokens after each prompt: the oracle can see them (eval.replay).
+    grid = expand(spec.policies, config, future_known=spec.mode == "window" and bool(spec.ppl or spec.tasks))
     if not grid.configs:
         raise ConfigError(f"{spec.path}: every configuration was skipped ({grid.skipped[0]['reason']})")
     tokenizer = Tokenizer.from_pretrained(spec.tokenizer or choice.directory)

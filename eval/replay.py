@@ -10,6 +10,8 @@ the batch's longest, Compressor.headwise_at) is replayed one row at a time.
 Kept entries are copies of the one prefill's, so caches that kept the same positions (and hold copies of them,
 KVCache.holds_copies) are the same cache and give the same logits: those are measured once (a budget at or above the prompt keeps
 everything, as none does, and so gives exactly none's figures).
+The targets are the tokens that follow the prompt: a compressor that sees the future (the oracle) is given their
+queries (Compressor.see_future) before its replay.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from minipythia import Compressor, Prefill
+from minipythia import Compressor, Prefill, oracle_future_queries
 from minipythia.timing import clock
 
 Result = TypeVar("Result")
@@ -58,6 +60,31 @@ def forced_logits(model, prefill: Prefill, cache, targets: torch.Tensor) -> torc
     return torch.cat((first, model(targets[:, :-1], cache=cache).float()), dim=1)
 
 
+class Future:
+    """The tokens that follow a prefill's prompts (B, F), for replays of it: a compressor that sees the future
+    (Compressor.see_future) is given their queries, computed once, for its replay alone."""
+
+    def __init__(self, model, prefill: Prefill, tokens: torch.Tensor):
+        self.model, self.prefill, self.tokens = model, prefill, tokens
+        self._queries = None
+
+    def queries(self, row: int | None) -> dict[int, torch.Tensor]:
+        if self._queries is None:
+            self._queries = oracle_future_queries(self.model, self.prefill.input_ids, self.tokens)
+        return self._queries if row is None else {layer: q[row : row + 1] for layer, q in self._queries.items()}
+
+    def replay(self, compressor: Compressor | None, row: int | None = None):
+        """The cache of the prefill (of batch row `row` alone) replayed with the compressor."""
+        prefill = self.prefill if row is None else self.prefill.row(row)
+        if compressor is None or not compressor.sees_future:
+            return prefill.replay(self.model, compressor)
+        compressor.see_future(self.queries(row))
+        try:
+            return prefill.replay(self.model, compressor)
+        finally:
+            compressor.see_future({})  # this prompt's future is no other's
+
+
 @torch.inference_mode()
 def score_replays(model, prefill: Prefill, compressors: list[Compressor | None], targets: torch.Tensor,
                   measure: Callable[[torch.Tensor], Result], seconds: list[float] | None = None,
@@ -70,6 +97,7 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
     device = model.embed_in.weight.device
     results: list[Result] = []
     measured: list[tuple[Kept, Result]] = []
+    future = Future(model, prefill, targets)
     for i, compressor in enumerate(compressors):
         t = clock(device)
         by_row = targets.size(0) > 1 and compressor is not None and (compressor.rows_interact or any(
@@ -79,7 +107,7 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
             headwise, logits, heads = False, [], 0
             for b in range(targets.size(0)):
                 row = prefill.row(b)
-                cache = row.replay(model, compressor)
+                cache = future.replay(compressor, row=b)
                 headwise = cache.headwise
                 heads = heads + Kept.of(cache).per_head()
                 logits.append(forced_logits(model, row, cache, targets[b : b + 1]))
@@ -88,7 +116,7 @@ def score_replays(model, prefill: Prefill, compressors: list[Compressor | None],
                 per_head[i] = heads + (0 if per_head[i] is None else per_head[i])
             results.append(measure(torch.cat(logits)))
         else:
-            cache = prefill.replay(model, compressor)
+            cache = future.replay(compressor)
             kept = Kept.of(cache)
             if per_head is not None and cache.headwise:
                 per_head[i] = kept.per_head() + (0 if per_head[i] is None else per_head[i])

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from minipythia import Compressor, NoCompression, Prefill
+from minipythia import Compressor, NoCompression, Prefill, oracle_future_queries
 from minipythia.bounded import shown
 from minipythia.timing import clock
 
@@ -122,9 +122,16 @@ def held_bytes(model, configs: list[Compressor], prompt_len: int) -> dict[str, i
     """label -> the bytes each configuration's cache really holds after compressing a prompt_len-token prompt
     (measured on a replay of one prefill of random ids: how many entries a policy keeps, and how it stores
     them, do not depend on the values): the KV budget in bytes, which eviction and quantization share."""
-    ids = torch.randint(0, model.config.vocab_size, (1, max(prompt_len, 1)), generator=torch.Generator().manual_seed(0))
-    prefill = Prefill.record(model, ids.to(model.embed_in.weight.device))
-    return {c.label: prefill.replay(model, c).nbytes for c in configs} | {None: prefill.replay(model, None).nbytes}
+    ids = torch.randint(0, model.config.vocab_size, (1, max(prompt_len, 1) + 8), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(model.embed_in.weight.device)
+    prefill = Prefill.record(model, ids[:, :-8])
+    held = {None: prefill.replay(model, None).nbytes}
+    for c in configs:
+        if c.sees_future:  # the oracle: a future of 8 more random tokens
+            c.see_future(oracle_future_queries(model, ids[:, :-8], ids[:, -8:]))
+        held[c.label] = prefill.replay(model, c).nbytes
+        c.see_future({})
+    return held
 
 
 def merged_settings(out: Path, settings: dict) -> dict:
@@ -312,7 +319,8 @@ def plan_sweep(inputs: SweepInputs, out: Path, command: str) -> PlannedSweep:
     # The folder remembers every configuration it has held, so that a later sweep of other policies into it
     # adds to the report instead of hiding what is there.
     held = {c["label"]: c for c in previous.get("configs", [])}
-    held.update({c.label: dict(label=c.label, folder=folders[c.label].name, compressor=c.name, settings=c.settings())
+    held.update({c.label: dict(label=c.label, folder=folders[c.label].name, compressor=c.name, settings=c.settings(),
+                               **({"timed": False} if c.sees_future else {}))
                  for c in configs})
     summary = dict(
         settings=settings, config_file=str(spec.path), config_text=spec.text, model=spec.model,
@@ -332,6 +340,9 @@ def plan_sweep(inputs: SweepInputs, out: Path, command: str) -> PlannedSweep:
     names = [name for name, _, _ in tokenized] if spec.ppl else []
     lengths = spec.speed.prompt_lengths if spec.speed else []
 
+    def timed(c) -> bool:  # generation has no future to give the oracle: it gets no speed rows
+        return bool(lengths) and not c.sees_future
+
     text = functools.cache(lambda: task_text(books, tokenizer, model))  # sampling it costs: only when needed
     examples = {}  # task name -> its examples, built when a configuration needs them
 
@@ -350,7 +361,7 @@ def plan_sweep(inputs: SweepInputs, out: Path, command: str) -> PlannedSweep:
 
     def complete(c) -> bool:
         return (ppl_complete(folders[c.label], base, names, c.label)
-                and (not lengths or bool(complete_speed_rows(folders[c.label], lengths)))
+                and (not timed(c) or bool(complete_speed_rows(folders[c.label], lengths)))
                 and all(task_done(t, c) for t in spec.tasks))
 
     pending = [c for c in configs if not complete(c)]
@@ -378,7 +389,7 @@ def plan_sweep(inputs: SweepInputs, out: Path, command: str) -> PlannedSweep:
         if lengths and pending:
             prompts, prompt_source = speed_prompts(lengths, books, tokenizer, model.config.vocab_size)
         for i, batch in enumerate(batches):  # here, on the driver: timings are of this machine, one run at a time
-            unmeasured = [c for c in batch if lengths and not complete_speed_rows(folders[c.label], lengths)]
+            unmeasured = [c for c in batch if timed(c) and not complete_speed_rows(folders[c.label], lengths)]
             if unmeasured:
                 measure_batch(model, prompts, unmeasured, spec, dict(meta, prompt_source=prompt_source),
                               f"{run_id}-b{i}", folders, directory)

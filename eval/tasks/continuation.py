@@ -24,7 +24,7 @@ from rouge_score import rouge_scorer
 
 from minipythia import Compressor, Prefill
 
-from ..replay import Kept, score_replays
+from ..replay import Future, Kept, score_replays
 from .base import Example, Task, TextSource, gains, register_task
 
 
@@ -128,11 +128,12 @@ class Continuation(Task):
         control = Prefill.record(model, example.control.view(1, -1).to(device))
         control_scores = score_replays(model, control, [None], targets, measure)[0]  # against full KV's
 
+        future = Future(model, prefill, targets)  # the reference continuation, for the oracle
         scorer = rouge_scorer.RougeScorer(["rougeL"])
         generated: list[tuple[Kept, list[int]]] = []  # the tokens of each distinct cache
         records = []
         for config, scores in zip(configs, forced):
-            cache = prefill.replay(model, config)  # one replayed cache alive at a time
+            cache = future.replay(config)  # one replayed cache alive at a time
             kept = Kept.of(cache)
             tokens = next((t for other, t in generated if other.same(kept)), None)
             if tokens is None:

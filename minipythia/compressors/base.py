@@ -162,6 +162,17 @@ class Compressor:
         The CLIs and sweeps check it before any work (check_input)."""
         return None
 
+    @property
+    def sees_future(self) -> bool:
+        """Whether it scores with the queries of the tokens that come after the prompt (the oracle, an upper
+        bound). Where those tokens are known, the eval gives their queries (see_future) before each replay:
+        the targets of a PPL window or a task (eval.replay); a sweep runs it there, and not in its speed part."""
+        return False
+
+    def see_future(self, queries: dict[int, torch.Tensor]):
+        """The queries after rotary, per layer (B, nh, F, hs), of the F tokens that follow the prompt about to be
+        compressed ({} forgets them). Only a compressor that sees_future reads them."""
+
     def check_input(self):
         """Raises ValueError, saying what, when missing_input() names something."""
         missing = self.missing_input()

@@ -32,11 +32,17 @@ class Oracle(CapacityBudget, Compressor):
         # A plain attribute, not a dataclass field: it is data, not a setting (settings() and label skip it).
         self.future_queries: dict[int, torch.Tensor] = {}
 
+    sees_future = True
+
+    def see_future(self, queries):
+        self.future_queries = queries
+
     def missing_input(self):
         if self.future_queries:
             return None
-        return ("the oracle needs the queries of the tokens that come after the prompt, which a command line or a "
-                "sweep of windows does not have: use the Python API (Oracle and oracle_future_queries)")
+        return ("the oracle needs the queries of the tokens that come after the prompt, which a command line, a "
+                "speed measurement or a stream does not have: use it in a sweep's PPL windows or tasks, or in the "
+                "Python API (Oracle and oracle_future_queries)")
 
     def score(self, layer, keys, values, queries):
         if layer not in self.future_queries:

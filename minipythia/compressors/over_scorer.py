@@ -72,6 +72,13 @@ class OverScorer:
     def missing_input(self):
         return self.inner.missing_input()
 
+    @property
+    def sees_future(self) -> bool:
+        return self.inner.sees_future
+
+    def see_future(self, queries):
+        self.inner.see_future(queries)
+
     def prepare(self, model, input_ids):
         self.inner.prepare(model, input_ids)
 

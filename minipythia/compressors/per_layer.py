@@ -139,6 +139,14 @@ class PerLayer(CapacityBudget, Compressor):
     def missing_input(self):
         return next((m for m in (p.missing_input() for p in self.policies.values()) if m is not None), None)
 
+    @property
+    def sees_future(self) -> bool:
+        return any(p.sees_future for p in self.policies.values())
+
+    def see_future(self, queries):
+        for policy in self.policies.values():
+            policy.see_future(queries)
+
 
 def key(spec) -> str:
     """One policy-valued setting's identity (a name, or its mapping in a canonical text)."""
