@@ -117,6 +117,9 @@ def build_parser(argv) -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=UNITS, default="auto",
                    help="x axis of the quality-vs-budget plots: KV entries kept per head, or the KV bytes the cache "
                         "holds (auto: bytes when some configuration is quantized)")
+    p.add_argument("--baseline", metavar="LABEL",
+                   help="also compare every configuration with this one (paired intervals of the differences, in "
+                        "report.md and summary.csv), beside full KV")
 
     p = sub.add_parser("bench", help="minipythia vs transformers: TTFT, TPOT, bandwidth, in one run (make bench)")
     add_model_args(p)
@@ -261,10 +264,10 @@ def main(argv=None):
                     folder = contained(Path(args.dir), member.get("folder"),
                                        f"{Path(args.dir) / 'scale.json'}: members[].folder")
                     if (folder / "sweep.json").is_file():
-                        write_report(folder, args.budget)
+                        write_report(folder, args.budget, args.baseline)
                 print(write_scale_report(Path(args.dir)))
             else:
-                print(write_report(args.dir, args.budget))
+                print(write_report(args.dir, args.budget, args.baseline))
 
 
 def cli():

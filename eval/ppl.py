@@ -326,6 +326,37 @@ def reference_fields(s: WindowScores) -> dict:
                 key_nll_short_sum=keys["short"], retained_key=retained(keys["short"], keys["full"], keys["this"]))
 
 
+def scored_per_window(n: int, ctx_len: int, stride: int) -> list[tuple[int, bool]]:
+    """(tokens scored, whether through a compressed prompt) of each window over n tokens, in order, as
+    sliding_window_scores scores them: the first window all but its first token (none when it has one token),
+    each later one the tokens after its prompt."""
+    return [(end - begin - 1, False) if prompt_len == 0 else (end - begin - prompt_len, True)
+            for begin, end, prompt_len in windows(n, ctx_len, stride) if prompt_len or end - begin >= 2]
+
+
+def window_sums(s: WindowScores, scored: list[tuple[int, bool]]) -> dict[str, list[float]]:
+    """The record's figures per window, the units eval.summary's intervals resample: `tokens` and `nll` summed
+    over each window's scored tokens; with references, per window the sums reference_fields makes over all of
+    them (`compressed_tokens`, and every sum, 0 for the window without a prompt)."""
+    def per_window(t: torch.Tensor, counts: list[int]) -> list[float]:
+        return [x.double().sum().item() for x in t.split(counts)]
+
+    tokens = [n for n, _ in scored]
+    sums = dict(tokens=tokens, nll=per_window(s.nll, tokens))
+    if s.compressed_nll is None:
+        return sums
+    compressed = [n if through_prompt else 0 for n, through_prompt in scored]
+    key = (s.short_nll - s.full_nll > KEY_TOKEN_GAIN) & (-s.full_nll > KEY_TOKEN_LOG_P)
+    fields = dict(nll_compressed=s.compressed_nll, nll_full=s.full_nll, nll_short=s.short_nll, kl=s.kl, top1=s.top1,
+                  key_tokens=key, key_nll=s.compressed_nll * key, key_nll_full=s.full_nll * key,
+                  key_nll_short=s.short_nll * key)
+    sums["compressed_tokens"] = compressed
+    for name, t in fields.items():
+        values = iter(per_window(t.double(), [n for n in compressed if n]))
+        sums[name] = [next(values) if n else 0.0 for n in compressed]
+    return sums
+
+
 def ppl_base(meta: dict, mode: str, ctx_len: int, stride: int | None, max_tokens: int | None,
              decode_interval: int | None = None) -> dict:
     """What every PPL record of a setup holds and its key reads: meta (model, revision, dtype) and the windows."""
@@ -360,6 +391,8 @@ def book_records(model, name: str, source: str, ids: torch.Tensor, configs: list
                       kept_per_head=kept_per_head(c, model.config.num_hidden_layers, window_prompt))
         if mode == "window" and short_context is not None:
             record.update(reference_fields(scores), short_context=short_context)
+        if mode == "window":
+            record["windows"] = window_sums(scores, scored_per_window(ids.numel(), ctx_len, stride))
         if mode == "window" and scores.kept_by_head is not None:
             record["kept_by_head"] = [[round(x, 2) for x in row] for row in scores.kept_by_head]
         records.append(record)

@@ -19,9 +19,13 @@ from .markdown import table
 from .ppl import PPL_RECORD_KEYS, compressed_nothing, ppl_groups
 from .results import append_jsonl, check_no_links_out, contained, read_json, read_jsonl, write_json, write_text
 from .results_csv import write_results_csv
+from .summary import PPL_METRICS, Summary, compared, estimate_of, summary_rows, write_summary_csv
 from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
 from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
 
+
+
+PPL = PPL_METRICS[0]
 
 
 def _ppl(nll_sum: float, tokens: int) -> float:
@@ -30,6 +34,20 @@ def _ppl(nll_sum: float, tokens: int) -> float:
 
 def _pct(x: float, ref: float) -> str:
     return f"{100 * (x / ref - 1):+.2f}%"
+
+
+# What the intervals and marks of the tables mean (eval.stats, eval.summary).
+INTERVALS = ("[95% CI]: a seeded bootstrap over the independent units (PPL: the books' windows; a task: its examples). "
+             "A change vs full KV is paired (the same windows or examples resampled for both); **bold**: its "
+             "interval excludes 0, a difference the sample can tell from none; otherwise it cannot.")
+
+
+def difference_text(d, percent: bool = False) -> str:
+    """A paired difference with its interval, bold when the interval excludes 0."""
+    if d is None:
+        return ""
+    text = d.text(2, 100, signed=True, unit="%") if percent else d.text(3, signed=True)
+    return f"**{text}**" if d.excludes(0) else text
 
 
 def _group_title(r: dict) -> str:
@@ -59,22 +77,22 @@ def ppl_tables(records: list[dict], per_book: bool = True) -> str:
         for label in labels:
             mine = [by[label, b] for b in books if (label, b) in by]
             nll, tokens = sum(r["nll_sum"] for r in mine), sum(r["tokens"] for r in mine)
+            ppl = estimate_of(PPL, mine)
             common = [b for b in books if (label, b) in by and ("none", b) in by]
             if label != "none" and common:
-                ref = _ppl(sum(by["none", b]["nll_sum"] for b in common), sum(by["none", b]["tokens"] for b in common))
-                mine_common = _ppl(sum(by[label, b]["nll_sum"] for b in common),
-                                   sum(by[label, b]["tokens"] for b in common))
-                delta = _pct(mine_common, ref)
+                change = compared(PPL, [by[label, b] for b in common], [by["none", b] for b in common])
+                delta = difference_text(change, percent=True)
                 why = {compressed_nothing(by[label, b]) for b in common}
                 if None not in why:  # not a measured 0: nothing was compressed
                     delta = f"{delta} (no compression: {', '.join(sorted(why))})"
             else:
                 delta = "" if label == "none" else "n/a (no 'none' run)"
-            overall.append([label, len(mine), tokens, f"{nll / tokens:.4f}", f"{_ppl(nll, tokens):.3f}", delta,
+            overall.append([label, len(mine), tokens, f"{nll / tokens:.4f}", ppl.text(3), ppl.n, delta,
                             _kept(mine[0])])
         out.append(f"**{_group_title(rows[0])}**\n")
-        out.append(table(["config", "books", "tokens", "NLL/token", "PPL", "PPL vs none", "KV kept per head"],
-                         overall))
+        out.append(table(["config", "books", "tokens", "NLL/token", "PPL [95% CI]", "windows", "PPL vs none [95% CI]",
+                          "KV kept per head"], overall))
+        out.append(f"{INTERVALS}\n")
         if per_book:
             per_book_rows = [[b, by[labels[0], b]["tokens"] if (labels[0], b) in by else ""] +
                              [f"{by[label, b]['ppl']:.3f}" if (label, b) in by else "" for label in labels]
@@ -206,7 +224,7 @@ def load_sweep(out: Path) -> Results:
         speed += complete
         missing = [f"PPL of {len(books) - len({r['book'] for r in records})} of {len(books)} books"] \
             if {r["book"] for r in records} < set(books) else []
-        missing += ["speed"] if lengths and not complete else []
+        missing += ["speed"] if lengths and not complete and c.get("timed", True) else []
         for task, n in sweep.get("task_examples", {}).items():
             done = len({json.dumps(r["example"], sort_keys=True) for r in tasks if r["label"] == c["label"]
                         and r["task"] == task})
@@ -369,10 +387,11 @@ def head_budget_section(configs: list[dict], ppl: list[dict], out: Path) -> list
             *([table(["config", "KV MiB held", "KV MiB a masking cache holds (kvpress)"], held), ""] if held else [])]
 
 
-def write_report(out: str | Path, budget: str = "auto") -> Path:
-    """DIR/report.md and DIR/plots/*.png from DIR/sweep.json and its folders (an older flat folder is moved
-    into that layout first). budget: the x axis of the quality-vs-budget plots, entries kept per head or the
-    KV bytes held (eval.budget; auto: bytes when some configuration is quantized)."""
+def write_report(out: str | Path, budget: str = "auto", baseline: str | None = None) -> Path:
+    """DIR/report.md, DIR/results.csv, DIR/summary.csv and DIR/plots/*.png from DIR/sweep.json and its folders
+    (an older flat folder is moved into that layout first). budget: the x axis of the quality-vs-budget plots,
+    entries kept per head or the KV bytes held (eval.budget; auto: bytes when some configuration is quantized).
+    baseline: a configuration every other is also compared with (eval.summary), beside full KV."""
     out = Path(out)
     if not out.is_dir():
         raise ValueError(f"results directory {str(out)!r} does not exist")
@@ -381,6 +400,7 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     if not (out / "sweep.json").is_file():
         raise ValueError(f"{out} holds no sweep.json (nor the ppl.jsonl / speed.jsonl of an older run) to report on")
     results = load_sweep(out)
+    summary = Summary(summary_rows(out, results, baseline))
     lines = [f"# {results.title}", ""] + results.header + results.sections
     lines += ["## Sliding-window perplexity", ""]
     group = ppl_groups(results.ppl)[-1] if results.ppl else []  # the latest setup, when a file holds several
@@ -390,6 +410,7 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     else:
         lines += [results.ppl_missing, ""]
     lines += task_section(results.configs, results.ppl, results.tasks, out, budget)
+    lines += comparison_section(summary, results.configs, baseline)
     lines += head_budget_section(results.configs, results.ppl, out)
     lines += ["## Speed and KV memory", ""]
     if results.speed:
@@ -406,8 +427,52 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     window_prompt = group[0]["ctx_len"] - group[0]["stride"] if group and group[0]["stride"] else None
     lines += claims_section(results.configs, complete_ppl(group), window_prompt,
                             [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
-    lines += ["The figures above as one tidy table (a row per configuration and metric): `results.csv`.", ""]
+    lines += ["The figures above as one tidy table (a row per configuration and metric): `results.csv`; with their "
+              "intervals, paired differences and oracle shares: `summary.csv` (docs/eval.md).", ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
     write_results_csv(out, results)
+    write_summary_csv(out, summary.rows)
     return path
+
+
+# The comparison section's metrics, in order: retained (PPL's, each task's), then PPL.
+def _compared_metrics(summary: Summary) -> list[str]:
+    names = list(dict.fromkeys(r["metric"] for r in summary.rows))
+    return [m for m in names if m.startswith("retained_") and m != "retained_ppl_key_tokens"] + \
+        [m for m in names if m == "ppl"]
+
+
+def comparison_section(summary: Summary, configs: list[dict], baseline: str | None) -> list[str]:
+    """Each configuration against full KV (and the baseline), metric by metric: the paired difference with its
+    interval, bold where it excludes 0; and, at budgets where the sweep has the oracle, the share of the oracle's
+    headroom each configuration reaches."""
+    metrics = _compared_metrics(summary)
+    if not metrics:
+        return []
+    lines = ["## Paired differences", "",
+             "Each configuration minus the one compared with, over the windows and examples both scored, the same "
+             "bootstrap draws for both (`ppl`: the relative change). **Bold**: the interval excludes 0, a difference "
+             "this sample can tell apart; otherwise it cannot. Every row, with n and the intervals of the figures "
+             "themselves: `summary.csv`.", ""]
+    for vs in dict.fromkeys(x for x in ("none", baseline) if x):
+        rows = []
+        for c in configs:
+            if c["label"] == vs:
+                continue
+            cells = [difference_text(summary.difference(c["label"], m, vs), percent=m == "ppl") for m in metrics]
+            if any(cells):
+                rows.append([c["label"]] + cells)
+        if rows:
+            lines += [f"**against {'full KV (none)' if vs == 'none' else vs}**", "", table(["config"] + metrics, rows),
+                      ""]
+    share = {(r["config"], r["metric"]): r["oracle_share"] for r in summary.rows
+             if r.get("oracle_share") is not None and r["metric"] in metrics}
+    if share:
+        rows = [[c["label"]] + [f"{share[c['label'], m]:.2f}" if (c["label"], m) in share else "" for m in metrics]
+                for c in configs if any((c["label"], m) in share for m in metrics)]
+        lines += ["**Share of the oracle's headroom**: where each configuration lies between the worst configuration "
+                  "at its budget (0) and the oracle at that budget (1); above 1: better than the oracle on that "
+                  "metric (the oracle keeps what the future attends to most, which need not be what predicts it best).",
+                  "", table(["config"] + metrics, rows), ""]
+    return lines

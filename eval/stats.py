@@ -43,13 +43,13 @@ class Estimate:
         """Whether the interval lies wholly on one side of value (a difference distinguishable from 0)."""
         return self.has_interval and (self.low > value or self.high < value)
 
-    def text(self, digits: int = 3, scale: float = 1.0, signed: bool = False) -> str:
-        """'0.320 [0.210, 0.430]', or the value alone without an interval."""
-        sign = "+" if signed else ""
-        value = f"{self.mean * scale:{sign}.{digits}f}"
-        if not self.has_interval:
-            return value
-        return f"{value} [{self.low * scale:{sign}.{digits}f}, {self.high * scale:{sign}.{digits}f}]"
+    def text(self, digits: int = 3, scale: float = 1.0, signed: bool = False, unit: str = "") -> str:
+        """'0.320 [0.210, 0.430]' (e.g. '+1.08% [+0.11%, +2.90%]' with scale 100, signed, unit '%'), or the value
+        alone without an interval."""
+        def number(x: float) -> str:
+            return f"{x * scale:{'+' if signed else ''}.{digits}f}{unit}"
+        return f"{number(self.mean)} [{number(self.low)}, {number(self.high)}]" if self.has_interval else \
+            number(self.mean)
 
 
 Figure = Callable[[np.ndarray], np.ndarray]  # column sums (..., k) -> the figure (...), NaN where undefined
@@ -89,16 +89,15 @@ def estimate(units: np.ndarray, figure: Figure, counts: np.ndarray | None = None
     return Estimate(value, low, high, n)
 
 
-def paired_difference(units_a: np.ndarray, units_b: np.ndarray, figure_a: Figure, figure_b: Figure | None = None
-                      ) -> Estimate | None:
-    """figure_a(a) - figure_b(b) over units scored by both (row i of a and of b: the same unit), each draw
-    resampling the same units for both."""
-    figure_b = figure_b or figure_a
+def paired_difference(units_a: np.ndarray, units_b: np.ndarray, figure: Figure,
+                      compare: Callable[[np.ndarray, np.ndarray], np.ndarray] = np.subtract) -> Estimate | None:
+    """compare(figure(a), figure(b)), by default figure(a) - figure(b), over units scored by both (row i of a
+    and of b: the same unit), each draw resampling the same units for both."""
     a, b = np.asarray(units_a, dtype=np.float64), np.asarray(units_b, dtype=np.float64)
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"a paired difference needs the same units on both sides, got {len(a)} and {len(b)}")
     k = a.shape[1]
-    return estimate(np.concatenate((a, b), axis=1), lambda s: figure_a(s[..., :k]) - figure_b(s[..., k:]))
+    return estimate(np.concatenate((a, b), axis=1), lambda s: compare(figure(s[..., :k]), figure(s[..., k:])))
 
 
 # The figures the report uses, of column sums.

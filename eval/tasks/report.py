@@ -15,6 +15,7 @@ from ..grid import folder_name
 from ..markdown import table
 from .base import TASK_RECORD_KEYS, TASKS, Task
 from ..results import read_jsonl
+from .. import summary
 
 # PPL's raw metrics (PPL is eval.ppl's, not a Task: its records weigh by the tokens of each book).
 PPL_METRICS = (("kl", "KL(full‖this) nats/token", "{:.4f}"), ("top1", "top-1 agreement", "{:.3f}"))
@@ -46,28 +47,26 @@ def ppl_retained(records: list[dict], key_tokens: bool = False) -> float | None:
     return sum(r[short] - r[this] for r in rows) / gain_full if gain_full > 1e-9 else None
 
 
-def _fmt(x) -> str:
-    return "" if x is None else f"{x:.3f}"
-
-
 def task_names(records: list[dict]) -> list[str]:
     return list(dict.fromkeys(r["task"] for r in records))
 
 
 def retained_rows(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> tuple[list[str], list[list]]:
-    """(header, rows) of the retained table: a row per configuration, a column per task."""
+    """(header, rows) of the retained table: a row per configuration, a column per task, each cell its
+    retained with its 95% interval (eval.summary's, over PPL's windows, a task's examples)."""
     names = task_names(tasks)
     has_ppl = any("nll_short_sum" in r for r in ppl)
     has_bytes = all(c.get("kv_bytes") is not None for c in configs)
     header = ["config", "KV kept per head"] + (["KV MiB held"] if has_bytes else []) + \
         (["PPL", "PPL key tokens"] if has_ppl else []) + names
+    columns = [(metric, ppl) for metric in (summary.PPL_METRICS[1:3] if has_ppl else ())]
+    columns += [(summary.retained_metric(t), [r for r in tasks if r["task"] == t]) for t in names]
     rows = []
     for c in configs:
-        mine = [r for r in ppl if r["label"] == c["label"]]
         row = [c["label"], c.get("kept") or ""] + ([f"{c['kv_bytes'] / 2**20:.3f}"] if has_bytes else [])
-        if has_ppl:
-            row += [_fmt(ppl_retained(mine)), _fmt(ppl_retained(mine, key_tokens=True))]
-        row += [_fmt(retained_of([r for r in tasks if r["label"] == c["label"] and r["task"] == t])) for t in names]
+        for metric, records in columns:
+            estimate = summary.estimate_of(metric, [r for r in records if r["label"] == c["label"]])
+            row.append("" if estimate is None else estimate.text(3))
         rows.append(row)
     return header, rows
 
