@@ -141,9 +141,9 @@ def build_parser(argv) -> argparse.ArgumentParser:
                    help="which of the task's examples, in the order a sweep scores them (default 0, the first)")
     p.add_argument("--config", default="kept", help="the sweep YAML whose policies are shown, or a shipped config's "
                                                     "name (default: kept, eval/configs/kept.yaml)")
-    p.add_argument("--policy", action="append", default=[], metavar="YAML",
-                   help="a policy as in a sweep's policies list, e.g. '{compressor: snapkv, max_capacity_prompt: "
-                        "256}', or a name (repeatable; replaces --config's policies)")
+    p.add_argument("--policies", action="append", default=[], metavar="YAML",
+                   help="policies as in a sweep's policies list, e.g. '[{compressor: snapkv, max_capacity_prompt: "
+                        "256}, streaming_llm]': a list, one entry or a name (repeatable; replaces --config's)")
     add_model_args(p)
     add_data_args(p, required=False)
     p.add_argument("--out", required=True, help="results directory for kept.html (a sweep's folder: its report "
@@ -258,19 +258,21 @@ def cmd_bench(args):
     print(f"results: {Path(args.out) / 'bench.md'}")
 
 
-def kept_policies(config: str, entries: list[str]) -> list[Policy]:
-    """The policies `kept` shows: those of --policy (each YAML, as a sweep's policies entry), else --config's."""
-    if not entries:
+def kept_policies(config: str, given: list[str]) -> list[Policy]:
+    """The policies `kept` shows: those of --policies (YAML: a list of a sweep's policies entries, one entry, or a
+    name), else --config's."""
+    if not given:
         return load_spec(config).policies
-    loaded = []
-    for entry in entries:
+    entries = []
+    for text in given:
         try:
-            value = yaml.safe_load(entry)
+            value = yaml.safe_load(text)
         except (yaml.YAMLError, RecursionError):
-            raise ValueError(f"--policy {shown(entry)}: not valid YAML; give e.g. "
-                             f"'{{compressor: snapkv, max_capacity_prompt: 256}}'") from None
-        loaded.append({"compressor": value} if isinstance(value, str) else value)
-    return parse_spec(yaml.safe_dump({"policies": loaded}), Path("--policy")).policies
+            raise ValueError(f"--policies {shown(text)}: not valid YAML; give e.g. "
+                             f"'[{{compressor: snapkv, max_capacity_prompt: 256}}, streaming_llm]'") from None
+        entries += [{"compressor": v} if isinstance(v, str) else v for v in (value if isinstance(value, list)
+                                                                              else [value])]
+    return parse_spec(yaml.safe_dump({"policies": entries}), Path("--policies")).policies
 
 
 def cmd_kept(args, command: str):
@@ -280,7 +282,7 @@ def cmd_kept(args, command: str):
     task = build_task(args.task, task_settings(args.task_settings))
     if args.example < 0:
         raise ValueError(f"--example must be >= 0 (the index of one of the task's examples), got {args.example}")
-    spec = SweepSpec(path=Path("command line"), text="", policies=kept_policies(args.config, args.policy),
+    spec = SweepSpec(path=Path("command line"), text="", policies=kept_policies(args.config, args.policies),
                      model=args.model, revision=args.revision, dtype=args.dtype, data=args.data or [],
                      books=args.books, tokenizer=args.tokenizer, ppl=False, tasks=[task], device=args.device)
     out = Path(args.out)

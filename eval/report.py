@@ -407,6 +407,8 @@ def write_report(out: str | Path, budget: str = "auto") -> Path:
     lines += claims_section(results.configs, complete_ppl(group), window_prompt,
                             [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
     lines += ["The figures above as one tidy table (a row per configuration and metric): `results.csv`.", ""]
+    if (out / "kept.html").is_file():  # written by python -m eval kept (eval.kept)
+        lines += ["What each policy kept of one task prompt, against the oracle: [kept.html](kept.html).", ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
     write_results_csv(out, results)
