@@ -306,6 +306,10 @@ def cmd_kept(args, command: str):
     path = write_kept_page(out, page)
     print(f"page: {path}")
     if (out / "sweep.json").is_file():  # a sweep's folder: its report links to the page
+        swept = read_json(out / "sweep.json").get("model")
+        if swept != inputs.spec.model:
+            print(f"note: {out} holds a sweep of {swept}; the page shows {inputs.spec.model} (--model to match)",
+                  file=sys.stderr)
         with locked(out):
             print(f"report: {write_report(out)}")
 
