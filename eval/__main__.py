@@ -9,6 +9,7 @@ each policy kept of one task prompt (eval.kept), which the folder's report links
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -78,6 +79,9 @@ def build_parser(argv) -> argparse.ArgumentParser:
                         "one on a local cluster of --workers CPUs on 127.0.0.1")
     p.add_argument("--workers", type=int, default=None, help="--ray without an address: the local cluster's CPUs "
                                                               "(default: this machine's)")
+    p.add_argument("--kept", action="store_true",
+                   help="also write OUT/kept.html (as python -m eval kept): what each configuration kept of the first "
+                        "example of the sweep's recall (else needle, else a default recall) task, against the oracle")
     add_data_args(p, required=False)
 
     p = sub.add_parser("ppl", help="perplexity of one compressor (a sweep of one): OUT/<label>/ppl.jsonl, OUT/report.md")
@@ -172,7 +176,16 @@ def cmd_sweep(args, command: str):
         spec.revisions, spec.revision = args.revision, args.revision[0]
     spec.device = args.device
     check_spec(spec)  # what the overrides changed (batch_windows with mode: stream)
-    run_spec(spec, Path(args.out) if args.out else Path("results") / spec.path.stem, command, args.ray, args.workers)
+    if args.kept and len(spec.members) > 1:
+        raise ValueError("--kept draws the page of one model and revision; this sweep has several: run python -m eval "
+                         "kept --model M --revision R --out DIR on the one you want")
+    out = Path(args.out) if args.out else Path("results") / spec.path.stem
+    run_spec(spec, out, command, args.ray, args.workers)
+    if args.kept:
+        # The sweep's own recall or needle settings, so that the page shows an example the sweep scored.
+        task = next((t for name in TASKS_WITH_EVIDENCE for t in spec.tasks if t.name == name),
+                    build_task(TASKS_WITH_EVIDENCE[0], {}))
+        write_kept(dataclasses.replace(spec, tasks=[task]), 0, out, command)
 
 
 def cmd_ppl(args, command: str):
@@ -287,24 +300,30 @@ def cmd_kept(args, command: str):
                      books=args.books, tokenizer=args.tokenizer, ppl=False, tasks=[task], device=args.device)
     out = Path(args.out)
     prepare_out(out)
+    write_kept(spec, args.example, out, command)
+
+
+def write_kept(spec: SweepSpec, index: int, out: Path, command: str):
+    """OUT/kept.html: example `index` of the spec's one task, with the spec's policies, model and data (eval.kept);
+    in a sweep's folder, its report rewritten to link to it."""
     inputs = load_inputs(spec)  # the model, the tokenizer, the books and the grid, as a sweep loads them
+    task = spec.tasks[0]
     text = task_text(inputs.books, inputs.tokenizer, inputs.model)
     examples = task.examples(text, inputs.model)
-    if args.example >= len(examples):
-        raise ValueError(f"--example {args.example}: {task.name} has {len(examples)} examples with these settings "
+    if index >= len(examples):
+        raise ValueError(f"--example {index}: {task.name} has {len(examples)} examples with these settings "
                          f"(0 to {len(examples) - 1}); give a smaller index, or more with --set")
-    example = examples[args.example]
+    example = examples[index]
     for entry in inputs.grid.skipped:
         if entry["compressor"] != Oracle.name:
             print(f"skipped {entry['compressor']} {entry['settings']}: {entry['reason']}", file=sys.stderr)
     about = [f"{inputs.spec.model} ({inputs.model.num_parameters():,} parameters, {spec.dtype}); {task.name} "
-             f"example {args.example} of {len(examples)}: {json.dumps(example.key)}, a {example.prompt.numel()}-token "
+             f"example {index} of {len(examples)}: {json.dumps(example.key)}, a {example.prompt.numel()}-token "
              f"prompt; {', '.join(f'{k}: {v}' for k, v in example.info.items())}",
              f"Text: {text.origin}.", f"Written by: {command}"]
     page = kept_page(inputs.model, inputs.tokenizer, task, example, inputs.grid, about,
-                     f"What each policy kept: {task.name} example {args.example}")
-    path = write_kept_page(out, page)
-    print(f"page: {path}")
+                     f"What each policy kept: {task.name} example {index}")
+    print(f"page: {write_kept_page(out, page)}")
     if (out / "sweep.json").is_file():  # a sweep's folder: its report links to the page
         swept = read_json(out / "sweep.json").get("model")
         if swept != inputs.spec.model:

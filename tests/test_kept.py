@@ -138,6 +138,38 @@ def test_the_command_writes_the_page_and_the_report_links_to_it(kept_folder):
     assert "recall example 0 of 1" in page and "[kept.html](kept.html)" in (kept_folder / "report.md").read_text()
 
 
+SWEEP = """
+data: {books}
+ctx_len: 48
+stride: 16
+max_tokens: 96
+tasks:
+  - ppl
+  - recall: {{contexts: [64], depths: [0.2, 0.8], trials: 1, passage_tokens: 16, cue_tokens: 4}}
+policies:
+  - {{compressor: none}}
+  - {{compressor: snapkv, window_size: 4, max_capacity_prompt: 16, kernel_size: 3}}
+  - {{compressor: oracle, max_capacity_prompt: 16}}
+"""
+
+
+def test_a_sweep_with_kept_writes_the_page_of_its_own_first_recall_example(tiny_checkpoint, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for name in ("alpha", "beta"):
+        (books / f"{name}.txt").write_text(" ".join(f"w{int(i)}" for i in torch.randint(50, (300,), generator=g)))
+    (tmp_path / "s.yaml").write_text(SWEEP.format(books=books))
+    out = tmp_path / "out"
+    assert run_cli(main, ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--kept",
+                          "--out", str(out)]) == 0
+    page = (out / "kept.html").read_text()
+    # The sweep's recall settings (its first example: depth 0.2), its configurations and its books.
+    assert '{"context": 64, "depth": 0.2, "trial": 0}'.replace('"', "&quot;") in page and "alpha@0" in page
+    assert list(overlap_rows(page)) == ["oracle_c16", "none", SNAPKV]
+    assert "[kept.html](kept.html)" in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--task", "continuation"], "--task 'continuation': kept shows an example of recall or needle"),
     (["--task", "nope"], "--task 'nope': kept shows an example of recall or needle"),
