@@ -1,20 +1,23 @@
-"""python -m eval {sweep, ppl, task, speed, report, bench}: the command-line front of the eval package.
+"""python -m eval {sweep, ppl, task, speed, report, bench, kept}: the command-line front of the eval package.
 
 `sweep` runs a YAML grid (over models and revisions too: eval.scale; on Ray with --ray: eval.executors);
 `ppl`, `task` and `speed` are the same engine with a grid of one compressor written from flags, and write the
-same folder layout (OUT/sweep.json, OUT/<label>/...), which `report` reads.
+same folder layout (OUT/sweep.json, OUT/<label>/...), which `report` reads. `kept` writes OUT/kept.html: what
+each policy kept of one task prompt (eval.kept), which the folder's report links to.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
 
 import yaml
 
-from minipythia import NoCompression
+from minipythia import NoCompression, Oracle
 from minipythia.bounded import shown
 from minipythia.cli import (add_compressor_args, add_model_args, check_device, compressor_from_args, resolve_model,
                             run_cli)
@@ -24,15 +27,16 @@ from .bench import bench_table, run_bench
 from .budget import UNITS
 from .data import check_max_tokens
 from .grid import (MAX_EXPANDED_VALUES, Policy, SpeedSpec, SweepSpec, check_spec, expanded_size,
-                   load_spec, spec_yaml)
+                   load_spec, parse_spec, spec_yaml)
+from .kept import TASKS_WITH_EVIDENCE, kept_page, write_kept_page
 from .ppl import check_window_args
-from .pipeline import LOCAL, run_spec
+from .pipeline import LOCAL, load_inputs, run_spec
 from .report import load_sweep, ppl_tables, speed_table, task_table, write_report
 from .results import contained, locked, read_json
 from .scale import is_scale_folder, write_scale_report
 from .speed import check_speed_args
 from .stream import check_stream_args
-from .sweep import prepare_out
+from .sweep import prepare_out, task_text
 from .tasks import TASKS, build_task
 
 def int_list(text: str) -> list[int]:
@@ -75,6 +79,9 @@ def build_parser(argv) -> argparse.ArgumentParser:
                         "one on a local cluster of --workers CPUs on 127.0.0.1")
     p.add_argument("--workers", type=int, default=None, help="--ray without an address: the local cluster's CPUs "
                                                               "(default: this machine's)")
+    p.add_argument("--kept", action="store_true",
+                   help="also write OUT/kept.html (as python -m eval kept): what each configuration kept of the first "
+                        "example of the sweep's recall (else needle, else a default recall) task, against the oracle")
     add_data_args(p, required=False)
 
     p = sub.add_parser("ppl", help="perplexity of one compressor (a sweep of one): OUT/<label>/ppl.jsonl, OUT/report.md")
@@ -131,6 +138,23 @@ def build_parser(argv) -> argparse.ArgumentParser:
     p.add_argument("--sweep-tokens", type=int, default=4096,
                    help="tokens for the shared-prefill sweep timing (0 skips it)")
     p.add_argument("--out", default="results/bench")
+
+    p = sub.add_parser("kept", help="what each policy kept of one task prompt, against the oracle: OUT/kept.html, a "
+                                    "self-contained page (no server, no network)")
+    p.add_argument("--task", default="recall", help="the task whose example is shown: recall (default) or needle")
+    p.add_argument("--set", dest="task_settings", action="append", default=[], metavar="SETTING=VALUE",
+                   help="a task setting, as for `python -m eval task`, e.g. --set contexts=[960] --set depths=[0.5]")
+    p.add_argument("--example", type=int, default=0,
+                   help="which of the task's examples, in the order a sweep scores them (default 0, the first)")
+    p.add_argument("--config", default="kept", help="the sweep YAML whose policies are shown, or a shipped config's "
+                                                    "name (default: kept, eval/configs/kept.yaml)")
+    p.add_argument("--policies", action="append", default=[], metavar="YAML",
+                   help="policies as in a sweep's policies list, e.g. '[{compressor: snapkv, max_capacity_prompt: "
+                        "256}, streaming_llm]': a list, one entry or a name (repeatable; replaces --config's)")
+    add_model_args(p)
+    add_data_args(p, required=False)
+    p.add_argument("--out", required=True, help="results directory for kept.html (a sweep's folder: its report "
+                                                "then links to the page)")
     return parser
 
 
@@ -155,7 +179,16 @@ def cmd_sweep(args, command: str):
         spec.revisions, spec.revision = args.revision, args.revision[0]
     spec.device = args.device
     check_spec(spec)  # what the overrides changed (batch_windows with mode: stream)
-    run_spec(spec, Path(args.out) if args.out else Path("results") / spec.path.stem, command, args.ray, args.workers)
+    if args.kept and len(spec.members) > 1:
+        raise ValueError("--kept draws the page of one model and revision; this sweep has several: run python -m eval "
+                         "kept --model M --revision R --out DIR on the one you want")
+    out = Path(args.out) if args.out else Path("results") / spec.path.stem
+    run_spec(spec, out, command, args.ray, args.workers)
+    if args.kept:
+        # The sweep's own recall or needle settings, so that the page shows an example the sweep scored.
+        task = next((t for name in TASKS_WITH_EVIDENCE for t in spec.tasks if t.name == name),
+                    build_task(TASKS_WITH_EVIDENCE[0], {}))
+        write_kept(dataclasses.replace(spec, tasks=[task]), 0, out, command)
 
 
 def cmd_ppl(args, command: str):
@@ -241,6 +274,68 @@ def cmd_bench(args):
     print(f"results: {Path(args.out) / 'bench.md'}")
 
 
+def kept_policies(config: str, given: list[str]) -> list[Policy]:
+    """The policies `kept` shows: those of --policies (YAML: a list of a sweep's policies entries, one entry, or a
+    name), else --config's."""
+    if not given:
+        return load_spec(config).policies
+    entries = []
+    for text in given:
+        try:
+            value = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError):
+            raise ValueError(f"--policies {shown(text)}: not valid YAML; give e.g. "
+                             f"'[{{compressor: snapkv, max_capacity_prompt: 256}}, streaming_llm]'") from None
+        entries += [{"compressor": v} if isinstance(v, str) else v for v in (value if isinstance(value, list)
+                                                                              else [value])]
+    return parse_spec(yaml.safe_dump({"policies": entries}), Path("--policies")).policies
+
+
+def cmd_kept(args, command: str):
+    if args.task not in TASKS_WITH_EVIDENCE:
+        raise ValueError(f"--task {shown(args.task)}: kept shows an example of {' or '.join(TASKS_WITH_EVIDENCE)} "
+                         f"(the tasks whose examples say where the evidence is)")
+    task = build_task(args.task, task_settings(args.task_settings))
+    if args.example < 0:
+        raise ValueError(f"--example must be >= 0 (the index of one of the task's examples), got {args.example}")
+    spec = SweepSpec(path=Path("command line"), text="", policies=kept_policies(args.config, args.policies),
+                     model=args.model, revision=args.revision, dtype=args.dtype, data=args.data or [],
+                     books=args.books, tokenizer=args.tokenizer, ppl=False, tasks=[task], device=args.device)
+    out = Path(args.out)
+    prepare_out(out)
+    write_kept(spec, args.example, out, command)
+
+
+def write_kept(spec: SweepSpec, index: int, out: Path, command: str):
+    """OUT/kept.html: example `index` of the spec's one task, with the spec's policies, model and data (eval.kept);
+    in a sweep's folder, its report rewritten to link to it."""
+    inputs = load_inputs(spec)  # the model, the tokenizer, the books and the grid, as a sweep loads them
+    task = spec.tasks[0]
+    text = task_text(inputs.books, inputs.tokenizer, inputs.model)
+    examples = task.examples(text, inputs.model)
+    if index >= len(examples):
+        raise ValueError(f"--example {index}: {task.name} has {len(examples)} examples with these settings "
+                         f"(0 to {len(examples) - 1}); give a smaller index, or more with --set")
+    example = examples[index]
+    for entry in inputs.grid.skipped:
+        if entry["compressor"] != Oracle.name:
+            print(f"skipped {entry['compressor']} {entry['settings']}: {entry['reason']}", file=sys.stderr)
+    about = [f"{inputs.spec.model} ({inputs.model.num_parameters():,} parameters, {spec.dtype}); {task.name} "
+             f"example {index} of {len(examples)}: {json.dumps(example.key)}, a {example.prompt.numel()}-token "
+             f"prompt; {', '.join(f'{k}: {v}' for k, v in example.info.items())}",
+             f"Text: {text.origin}.", f"Written by: {command}"]
+    page = kept_page(inputs.model, inputs.tokenizer, task, example, inputs.grid, about,
+                     f"What each policy kept: {task.name} example {index}")
+    print(f"page: {write_kept_page(out, page)}")
+    if (out / "sweep.json").is_file():  # a sweep's folder: its report links to the page
+        swept = read_json(out / "sweep.json").get("model")
+        if swept != inputs.spec.model:
+            print(f"note: {out} holds a sweep of {swept}; the page shows {inputs.spec.model} (--model to match)",
+                  file=sys.stderr)
+        with locked(out):
+            print(f"report: {write_report(out)}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -255,6 +350,8 @@ def main(argv=None):
         cmd_speed(args, command)
     elif args.command == "bench":
         cmd_bench(args)
+    elif args.command == "kept":
+        cmd_kept(args, command)
     else:
         if not Path(args.dir).is_dir():
             raise ValueError(f"results directory {args.dir!r} does not exist")

@@ -429,6 +429,8 @@ def write_report(out: str | Path, budget: str = "auto", baseline: str | None = N
                             [r for r in results.speed if r["engine"] == "minipythia"], results.model, results.lm_head)
     lines += ["The figures above as one tidy table (a row per configuration and metric): `results.csv`; with their "
               "intervals, paired differences and oracle shares: `summary.csv` (docs/eval.md).", ""]
+    if (out / "kept.html").is_file():  # written by python -m eval kept (eval.kept)
+        lines += ["What each policy kept of one task prompt, against the oracle: [kept.html](kept.html).", ""]
     path = out / "report.md"
     write_text(path, "\n".join(lines))
     write_results_csv(out, results)
