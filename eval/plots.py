@@ -95,13 +95,13 @@ def _panels(panels: dict[str, dict[str, list[dict]]], metrics: list[tuple[str, s
 
 def speed_vs_prompt(panels: dict[str, dict[str, list[dict]]], none_rows: list[dict], title: str, path: Path) -> Path:
     """panels: policy -> label -> [{prompt_len, tpot_ms, kv_mib}]: decode time and KV held, per prompt length."""
-    return _panels(panels, [("tpot_ms", "time per output token\nTPOT (ms, median)"),
+    return _panels(panels, [("tpot_ms", "time per output token\nTPOT (ms, mean of repeats)"),
                             ("kv_mib", "KV cache after prefill\n+ compression (MiB)")], none_rows, title, path)
 
 
 def overhead_vs_prompt(panels: dict[str, dict[str, list[dict]]], title: str, path: Path) -> Path:
     """panels: policy -> label -> [{prompt_len, compress_ms, compress_pct}]: the compression's time."""
-    return _panels(panels, [("compress_ms", "compression time\n(ms, median)"),
+    return _panels(panels, [("compress_ms", "compression time\n(ms, mean of repeats)"),
                             ("compress_pct", "compression time\n(% of TTFT)")], [], title, path)
 
 
@@ -126,41 +126,122 @@ def retained_vs_budget(panels: dict[str, list[dict]], title: str, path: Path,
         ax.axhline(0.0, color="grey", linewidth=0.8)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(x_label, fontsize=8)
+        ax.set_ylabel("retained (1 = full KV, 0 = no context)", fontsize=8)
+        ax.tick_params(labelleft=True)  # every panel keeps its scale, though they share it
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("retained (1 = full KV, 0 = no context)")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def heatmaps(by_label: dict[str, dict[tuple, float]], title: str, row_name: str, col_name: str, path: Path) -> Path:
-    """by_label: config -> (row, column) -> value in about [0, 1], e.g. (depth, context): the
-    needle-in-a-haystack picture, one heatmap per configuration, each cell annotated."""
+def retained_vs_bytes(panels: dict[str, list[dict]], title: str, path: Path) -> Path:
+    """panels: task (or "PPL") -> [{policy, kv_bytes, retained, low, high}], low/high the 95% interval of
+    retained (None: no bar). A panel per task, a line per policy through its best retained at each number of
+    KV bytes held, each point with its interval bar; the policy's other configurations at those bytes as faint
+    dots. Full KV's line at 1. At equal bytes, a policy whose bar lies above another's keeps more: the
+    comparison that matters when memory is what is budgeted. One legend for every panel, under them."""
+    names = list(panels)
+    policies = list(dict.fromkeys(p["policy"] for points in panels.values() for p in points))
+    colors = _colors(policies)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 4.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for policy in policies:
+            mine = [p for p in panels[name] if p["policy"] == policy]
+            best: dict[float, dict] = {}
+            for p in mine:
+                if p["kv_bytes"] not in best or p["retained"] > best[p["kv_bytes"]]["retained"]:
+                    best[p["kv_bytes"]] = p
+            if not best:
+                continue
+            line = [best[x] for x in sorted(best)]
+            xs = [p["kv_bytes"] / 2**20 for p in line]
+            ys = [p["retained"] for p in line]
+            nan = float("nan")  # no interval: no bar (and no caps) at that point
+            below = [p["retained"] - p["low"] if p.get("low") is not None else nan for p in line]
+            above = [p["high"] - p["retained"] if p.get("high") is not None else nan for p in line]
+            ax.errorbar(xs, ys, yerr=[below, above], marker="o", markersize=4, capsize=3, color=colors[policy],
+                        label=policy)
+            others = [p for p in mine if p not in line]
+            if others:
+                ax.scatter([p["kv_bytes"] / 2**20 for p in others], [p["retained"] for p in others], s=12,
+                           alpha=0.3, color=colors[policy])
+        ax.axhline(1.0, linestyle="--", color="black", linewidth=1, label="full KV")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("KV held (MiB)", fontsize=8)
+        ax.set_ylabel("retained (1 = full KV, 0 = no context)", fontsize=8)
+        ax.tick_params(labelleft=True)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a policy missing from the first panel still gets its legend entry
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    # under the figure, however many rows it takes (the saved picture grows to hold it: bbox_inches="tight")
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
+               fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def wrap_label(label: str, width: int) -> str:
+    """A configuration's label on lines of at most `width` characters, broken after its `_`s (a label like
+    snapkv_w32_c256_k5_avgpool is wider than a small panel); a part longer than width keeps its own line."""
+    lines = [""]
+    for part in label.replace("_", "_\n").split("\n"):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
+
+
+def colorbar_extend(values, low: float, high: float) -> str:
+    """matplotlib's `extend` for a colour scale over [low, high]: an arrow at each end that values pass, so
+    the picture says that a colour at the end stands for anything beyond it."""
+    below, above = any(v < low for v in values), any(v > high for v in values)
+    return {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}[below, above]
+
+
+def heatmaps(by_label: dict[str, dict[tuple, tuple[float, int]]], title: str, row_name: str, col_name: str,
+             path: Path) -> Path:
+    """by_label: config -> (row, column) -> (value or None, examples): e.g. (depth, context), the needle-in-a-haystack
+    picture, one heatmap per configuration, each cell showing its value and how many examples it rests on.
+    The colour scale covers [0, 1]; values outside it take the end colours and the colour bar's arrows say so.
+    row_name / col_name: the axis labels, with their units."""
     labels = [label for label, cells in by_label.items() if cells]
     depths = sorted({d for cells in by_label.values() for d, _ in cells})
     contexts = sorted({c for cells in by_label.values() for _, c in cells})
     cols = min(4, len(labels))
     rows = -(-len(labels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 + 0.7 * len(contexts) * cols, 1.2 + 0.45 * len(depths) * rows),
-                             squeeze=False)
+    panel_w, panel_h = 1.2 + 0.75 * len(contexts), 1.4 + 0.5 * len(depths)
+    # constrained layout makes room for every panel's title and labels and for the colour bar
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols + 1.2, panel_h * rows + 0.8), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
+    width = max(12, int(panel_w * 11))  # characters of a 7-point title that fit above one panel
+    values = []
     for ax, label in zip(axes.flat, labels):
         grid = [[by_label[label].get((d, c)) for c in contexts] for d in depths]
-        shown = [[float("nan") if v is None else v for v in row] for row in grid]
+        shown = [[float("nan") if cell is None or cell[0] is None else cell[0] for cell in row] for row in grid]
+        values += [v for row in shown for v in row if v == v]
         image = ax.imshow(shown, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for i, row in enumerate(grid):
-            for j, v in enumerate(row):
-                if v is not None:
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+            for j, cell in enumerate(row):
+                if cell is not None:  # a value of None (undefined): a blank cell, its count still shown
+                    value = "" if cell[0] is None else f"{cell[0]:.2f}\n"
+                    ax.text(j, i, f"{value}n={cell[1]}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(contexts)), [str(c) for c in contexts], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-        ax.set_title(label, fontsize=7)
-    fig.colorbar(image, ax=axes, shrink=0.6)
-    axes[-1][0].set_xlabel(col_name, fontsize=8)
-    axes[-1][0].set_ylabel(row_name, fontsize=8)
+        ax.set_title(wrap_label(label, width), fontsize=7)
+        ax.set_xlabel(col_name, fontsize=7)
+        ax.set_ylabel(row_name, fontsize=7)
     fig.suptitle(title, fontsize=9)
+    bar = fig.colorbar(image, ax=axes, shrink=0.6, extend=colorbar_extend(values, 0.0, 1.0))
+    bar.set_label("value (n = examples per cell)", fontsize=7)
     return _save(fig, path)
 
 
@@ -170,7 +251,8 @@ def head_budgets(by_label: dict[str, list[list[float]]], title: str, path: Path)
     cols = min(3, len(labels))
     rows = -(-len(labels) // cols)
     layers, heads = len(by_label[labels[0]]), len(by_label[labels[0]][0])
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 + 0.6 * heads * cols, 1.2 + 0.5 * layers * rows), squeeze=False)
+    panel_w = 1.5 + 0.6 * heads
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_w * cols, 1.6 + 0.5 * layers * rows), squeeze=False)
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     for ax, label in zip(axes.flat, labels):
@@ -181,11 +263,13 @@ def head_budgets(by_label: dict[str, list[list[float]]], title: str, path: Path)
                 ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6, color="white")
         ax.set_xticks(range(heads), [str(h) for h in range(heads)], fontsize=7)
         ax.set_yticks(range(layers), [str(i) for i in range(layers)], fontsize=7)
-        ax.set_title(label, fontsize=7)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    axes[-1][0].set_xlabel("head", fontsize=8)
-    axes[-1][0].set_ylabel("layer", fontsize=8)
+        ax.set_title(wrap_label(label, max(12, int(panel_w * 11))), fontsize=7)
+        ax.set_xlabel("head", fontsize=7)
+        ax.set_ylabel("layer", fontsize=7)
+        bar = fig.colorbar(image, ax=ax, shrink=0.8)
+        bar.set_label("KV kept per head (entries)", fontsize=6)
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     return _save(fig, path)
 
 

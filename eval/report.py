@@ -21,7 +21,7 @@ from .results import append_jsonl, check_no_links_out, contained, read_json, rea
 from .results_csv import write_results_csv
 from .summary import PPL_METRICS, Summary, compared, estimate_of, summary_rows, write_summary_csv
 from .tasks.report import read_task_records, task_section, task_table  # noqa: F401  (task_table: for the CLI)
-from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows
+from .speed import REFERENCE_KEYS, SPEED_ROW_KEYS, complete_speed_rows, speed_estimates
 
 
 
@@ -103,17 +103,30 @@ def ppl_tables(records: list[dict], per_book: bool = True) -> str:
     return "\n".join(out)
 
 
+def _ratio_text(ratio: float, interval) -> str:
+    """'1.02x [0.95, 1.10] ~1' (~1: the interval includes 1, so the configuration is not measurably faster nor
+    slower than none), '0.62x [0.58, 0.66]', or '0.62x' without an interval (older runs, a single repeat)."""
+    if interval is None or not interval.has_interval:
+        return f"{ratio:.2f}x"
+    return f"{interval.mean:.2f}x [{interval.low:.2f}, {interval.high:.2f}]" + ("" if interval.excludes(1.0) else " ~1")
+
+
 def speed_table(records: list[dict]) -> str:
     """Speed rows; ratios are against minipythia without compression at the same prompt length, measured in
-    the same run: a row's `reference` when it has one (sweeps), else the run's own `none` row."""
+    the same run: a row's `reference` when it has one (sweeps), else the run's own `none` row. Times are means
+    over the repeats with their 95% interval (eval.speed.speed_estimates), when the row kept its repeats; a ratio
+    has an interval only against a reference measured in the same repeats (paired)."""
     base = {r["prompt_len"]: r for r in records if r["engine"] == "minipythia" and r["label"] == "none"}
 
     def reference(r):
         return r.get("reference") or base.get(r["prompt_len"])
 
-    def ratio(r, key):
+    def ratio(r, key, estimates):
         ref = reference(r)
-        return f"{r[key] / ref[key]:.2f}x" if ref else ""
+        return _ratio_text(r[key] / ref[key], estimates.get(key.replace("_ms", "_ratio"))) if ref else ""
+
+    def time(r, key, digits, estimates):
+        return estimates[key].text(digits) if key in estimates else f"{r[key]:.{digits}f}"
 
     def mib(r, key):
         return f"{r[key] / 2**20:.2f}" if r.get(key) is not None else ""
@@ -121,13 +134,15 @@ def speed_table(records: list[dict]) -> str:
     rows = []
     for r in records:
         ref = reference(r)
+        estimates = speed_estimates(r)
         name = r["label"] if r["engine"] == "minipythia" else f"transformers generate ({r['label']})"
         kv_change = _pct(r["kv_end_bytes"], ref["kv_end_bytes"]) if ref and r.get("kv_end_bytes") else ""
         compress = f"{r['compress_ms']:.1f}" if "compress_ms" in r else ""
         share = f"{100 * r['compress_ms'] / r['ttft_ms']:.1f}%" if "compress_ms" in r else ""
-        rows.append([r["prompt_len"], name, f"{r['ttft_ms']:.1f}", ratio(r, "ttft_ms"), compress, share,
-                     f"{r['tpot_ms']:.2f}", ratio(r, "tpot_ms"), f"{r['tok_s']:.1f}", mib(r, "kv_prefill_bytes"),
-                     mib(r, "kv_compressed_bytes"), mib(r, "kv_end_bytes"), kv_change, r["peak_rss_mib"]])
+        rows.append([r["prompt_len"], name, time(r, "ttft_ms", 1, estimates), ratio(r, "ttft_ms", estimates),
+                     compress, share, time(r, "tpot_ms", 2, estimates), ratio(r, "tpot_ms", estimates),
+                     f"{r['tok_s']:.1f}", mib(r, "kv_prefill_bytes"), mib(r, "kv_compressed_bytes"),
+                     mib(r, "kv_end_bytes"), kv_change, r["peak_rss_mib"]])
     return table(["prompt", "config", "TTFT ms", "TTFT vs none", "compress ms", "compress % of TTFT", "TPOT ms",
                   "TPOT vs none", "tok/s", "KV prefill MiB", "KV kept MiB", "KV end MiB", "KV end vs none",
                   "peak RSS MiB"], rows)
@@ -138,12 +153,20 @@ def speed_title(r: dict) -> str:
             f"{r['prompt_source']}, {r['threads']} torch threads")
 
 
-SPEED_NOTES = ("TTFT = prefill with last_only + compression + first argmax; compress = time inside "
-               "KVCache.compress during that prefill (part of TTFT); TPOT = median decode step after "
-               "3 warm-up steps; tok/s = 1000 / TPOT; KV = bytes the cache tensors hold (K, V and positions); "
+SPEED_NOTES = ("Protocol: at each prompt length every configuration first runs once unmeasured (warm-up), then "
+               "each repeat runs every configuration once, interleaved, the first one rotating. "
+               "TTFT = prefill with last_only + compression + first argmax; compress = time inside "
+               "KVCache.compress during that prefill (part of TTFT); TPOT = per repeat, the median decode step "
+               "after 3 warm-up steps; TTFT, compress and TPOT are means over the repeats, with their 95% "
+               "bootstrap interval over repeats in brackets when the run kept each repeat's figures; tok/s = "
+               "1000 / TPOT. `vs none` = this configuration's mean / no compression's, measured in the same "
+               "repeats, with a paired 95% interval (the same repeats resampled on both sides); **~1**: the "
+               "interval includes 1, so the difference from no compression is within the machine's noise. "
+               "KV = bytes the cache tensors hold (K, V and positions); "
                "peak RSS = the process's peak resident memory during the run, weights included (reset before "
                "each run on Linux; transformers rows hold both models). transformers: TTFT from a max_new_tokens=1 "
-               "generate call, TPOT = median interval between per-token LogitsProcessor calls.")
+               "generate call, TPOT = median interval between per-token LogitsProcessor calls; its ratios are "
+               "unpaired (measured after minipythia's repeats), so they carry no interval.")
 
 
 @dataclass

@@ -5,15 +5,22 @@ Definitions (the same for every config, so ratios within a run are what to compa
   plus the argmax of the first token.
 - compression: the time spent in `KVCache.compress` (scoring, top-k, gather) inside that same prefill,
   timed directly (`cache.compress_seconds`), not as a difference of two noisy prefills.
-- TPOT: the median time of one decode step (forward of one token + argmax) after WARMUP_STEPS steps;
-  tokens/s = 1000 / TPOT in ms (decode throughput).
+- TPOT: per repeat, the median time of one decode step (forward of one token + argmax) after WARMUP_STEPS
+  steps; tokens/s = 1000 / TPOT in ms (decode throughput).
+- a row's TTFT, compress and TPOT: the mean over its repeats; each repeat's figure is kept too
+  (`ttft_runs_ms`, `compress_runs_ms`, `tpot_runs_ms`), so that `speed_estimates` gives their 95% intervals.
 - KV bytes: what the cache's tensors hold after the prefill before compression, after it, and at the end.
 - peak RSS: the process's peak resident memory during the run (model weights included): Linux resets
   the peak (VmHWM) before each run; elsewhere it is the process's peak so far (getrusage).
 - transformers (speed.hf): `generate` (greedy) on the same checkpoint, prompt, dtype and new tokens; TTFT is a
   max_new_tokens=1 call; TPOT the median interval between the calls of a LogitsProcessor, which
   `generate` runs once per token, after the same warm-up.
-Configs are interleaved within each repeat so that drift of the machine hits all of them alike.
+
+Protocol (`measure`): at each prompt length, every config first runs once unmeasured (a short generation), so
+that the first measured run pays no warm-up (thread pool, allocator, the first use of a shape); then each repeat
+runs every config once, interleaved, so that drift of the machine hits all of them alike, starting one config
+further each repeat, so that none is always first. A compressed row's `reference` is the no-compression row of
+the same run: its repeats ran beside this row's, so ratios are paired by repeat.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minipythia import Compressor, Generation, generate
@@ -33,11 +41,15 @@ from minipythia.generate import WARMUP_STEPS
 from minipythia.timing import clock
 
 from .results import read_jsonl
+from .stats import Estimate, estimate, mean_of, ratio
 
 # What a speed row of a compressed configuration keeps of the no-compression row measured with it, its
 # `reference` (the tokens are left out).
 REFERENCE_KEYS = ("ttft_ms", "compress_ms", "tpot_ms", "tok_s", "kv_prefill_bytes", "kv_compressed_bytes",
                   "kv_end_bytes", "kept_after_prefill", "peak_rss_mib")
+# Each repeat's figures, in the row and in its reference (rows of older runs lack them; eval.speed.speed_estimates
+# then gives no interval).
+RUN_KEYS = ("ttft_runs_ms", "compress_runs_ms", "tpot_runs_ms")
 
 
 # What the report reads of a speed row; one without them is quarantined (eval.results).
@@ -90,15 +102,44 @@ def timed_run(model, prompt: torch.Tensor, compressor: Compressor | None, new_to
 
 
 def summarize(runs: list[tuple[Generation, float]]) -> dict:
-    steps = [s for g, _ in runs for s in g.step_s[WARMUP_STEPS:]]
-    tpot = statistics.median(steps)
+    """A config's row from its repeats: each repeat's TTFT, compression and TPOT (the median step of that
+    repeat), and their means over the repeats."""
+    ttft = [1e3 * g.ttft_s for g, _ in runs]
+    compress = [1e3 * g.compress_s for g, _ in runs]
+    tpot = [1e3 * statistics.median(g.step_s[WARMUP_STEPS:]) for g, _ in runs]
     last = runs[-1][0]
-    return dict(ttft_ms=1e3 * statistics.median(g.ttft_s for g, _ in runs),
-                compress_ms=1e3 * statistics.median(g.compress_s for g, _ in runs),
-                tpot_ms=1e3 * tpot, tok_s=1 / tpot, kv_prefill_bytes=last.kv_bytes_prefill,
+    return dict(ttft_ms=statistics.fmean(ttft), compress_ms=statistics.fmean(compress),
+                tpot_ms=statistics.fmean(tpot), tok_s=1e3 / statistics.fmean(tpot),
+                ttft_runs_ms=ttft, compress_runs_ms=compress, tpot_runs_ms=tpot,
+                kv_prefill_bytes=last.kv_bytes_prefill,
                 kv_compressed_bytes=last.kv_bytes_compressed, kv_end_bytes=last.kv_bytes_end,
                 kept_after_prefill=last.kept_after_prefill, peak_rss_mib=round(max(p for _, p in runs), 1),
                 tokens=last.tokens, deterministic=all(g.tokens == last.tokens for g, _ in runs))
+
+
+def speed_estimates(row: dict) -> dict[str, Estimate]:
+    """The figures of a speed row with their 95% intervals over its repeats (eval.stats): `ttft_ms`,
+    `compress_ms`, `tpot_ms` (the mean over repeats) and, for a row with a `reference` measured in the same
+    repeats, `ttft_ratio` and `tpot_ratio`: the sum over repeats of this row's figure / the sum of the
+    reference's, i.e. the ratio of their means, each resample drawing the same repeats for both sides (paired:
+    a slow moment of the machine slows both). The ratio of sums rather than the mean of per-repeat ratios:
+    it is the ratio of the row's own figures, as the table shows them, and one repeat with a small reference
+    cannot dominate it. Empty for a row of an older run, which kept no per-repeat figures."""
+    out = {}
+    reference = row.get("reference") or {}
+    for key in ("ttft", "compress", "tpot"):
+        runs = row.get(f"{key}_runs_ms")
+        if not runs:
+            continue
+        value = mean_of(runs)
+        if value is not None:
+            out[f"{key}_ms"] = value
+        reference_runs = reference.get(f"{key}_runs_ms")
+        if key != "compress" and reference_runs and len(reference_runs) == len(runs):  # (none compresses nothing)
+            paired = estimate(np.stack((runs, reference_runs), axis=1), ratio)
+            if paired is not None:
+                out[f"{key}_ratio"] = paired
+    return out
 
 
 def check_speed_args(new_tokens: int, repeats: int):
@@ -112,18 +153,20 @@ def check_speed_args(new_tokens: int, repeats: int):
 
 def measure(model, prompts: dict[int, torch.Tensor], configs: list[Compressor], new_tokens: int, repeats: int,
             on_result=None) -> list[dict]:
-    """For each prompt length and config: the summary of `repeats` runs. prompts: length -> ids (L,)."""
+    """For each prompt length and config: the summary of `repeats` runs. prompts: length -> ids (L,).
+    At each length, every config warms up once (unmeasured), then each repeat runs them all, the starting
+    config rotating from repeat to repeat (the module's docstring says why)."""
     check_speed_args(new_tokens, repeats)
     device = model.embed_in.weight.device
-    shortest = prompts[min(prompts)].to(device).view(1, -1)
-    for c in configs:  # warms up the allocator and thread pool before anything is timed
-        timed_run(model, shortest, c, WARMUP_STEPS + 2)
     results = []
     for length, ids in prompts.items():
         prompt = ids.to(device).view(1, -1)
+        for c in configs:  # warm-up: the first run at a length is slower (allocator, thread pool, new shapes)
+            timed_run(model, prompt, c, WARMUP_STEPS + 2)
         runs = {c.label: [] for c in configs}
-        for _ in range(repeats):
-            for c in configs:
+        for repeat in range(repeats):
+            start = repeat % len(configs)
+            for c in configs[start:] + configs[:start]:
                 runs[c.label].append(timed_run(model, prompt, c, new_tokens))
         for c in configs:
             row = dict(engine="minipythia", compressor=c.name, settings=c.settings(), label=c.label,
@@ -167,23 +210,24 @@ def measure_hf(hf, prompts: dict[int, torch.Tensor], new_tokens: int, repeats: i
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=eos, logits_processor=LogitsProcessorList(processors))
 
-    hf_generate(prompts[min(prompts)].view(1, -1).to(hf.device), WARMUP_STEPS + 2)
     results = []
     for length, ids in prompts.items():
         prompt = ids.view(1, -1).to(hf.device)
-        ttfts, steps, peaks = [], [], []
+        hf_generate(prompt, WARMUP_STEPS + 2)  # warm-up at this length, as measure() does
+        ttfts, tpots, peaks = [], [], []
         for _ in range(repeats):
             reset_peak_rss()
             t = clock(hf.device)
             hf_generate(prompt, 1)
-            ttfts.append(clock(hf.device) - t)
+            ttfts.append(1e3 * (clock(hf.device) - t))
             stamps = Stamps()
             out = hf_generate(prompt, new_tokens, [stamps])
-            steps += [b - a for a, b in zip(stamps.times, stamps.times[1:])][WARMUP_STEPS:]
+            steps = [b - a for a, b in zip(stamps.times, stamps.times[1:])][WARMUP_STEPS:]
+            tpots.append(1e3 * statistics.median(steps))
             peaks.append(peak_rss_mib())
-        tpot = statistics.median(steps)
         row = dict(engine="transformers", compressor="none", settings={}, label="none", prompt_len=length,
-                   ttft_ms=1e3 * statistics.median(ttfts), tpot_ms=1e3 * tpot, tok_s=1 / tpot,
+                   ttft_ms=statistics.fmean(ttfts), tpot_ms=statistics.fmean(tpots),
+                   tok_s=1e3 / statistics.fmean(tpots), ttft_runs_ms=ttfts, tpot_runs_ms=tpots,
                    peak_rss_mib=round(max(peaks), 1), tokens=out[0, length:].tolist())
         results.append(row)
         if on_result:

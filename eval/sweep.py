@@ -45,7 +45,7 @@ from .executors import Job, ModelSource, RayCluster, run_serial
 from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key, warn_uncompressed
 from .report import write_report
 from .results import append_jsonl, check_no_links_out, locked, read_json, read_jsonl, write_json
-from .speed import REFERENCE_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
+from .speed import REFERENCE_KEYS, RUN_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
 from .tasks import TASK_RECORD_KEYS, TextSource, example_shape, sample_text, task_complete
 from .tasks import record_key as task_record_key
 from .units import Unit, Windows
@@ -176,7 +176,8 @@ def measure_batch(model, prompts: dict, batch: list[Compressor], spec: SweepSpec
     def save(row):
         bar.update(1)
         if row["label"] == "none":  # measure() yields it first at each prompt length
-            references[row["prompt_len"]] = {k: row[k] for k in REFERENCE_KEYS}
+            # with its per-repeat figures: they ran beside the batch's, so ratios pair by repeat
+            references[row["prompt_len"]] = {k: row[k] for k in REFERENCE_KEYS + RUN_KEYS}
             none_tokens[row["prompt_len"]] = row["tokens"]
             if not in_batch:
                 return

@@ -211,6 +211,8 @@ def test_a_folder_per_configuration_with_its_config_and_results(swept):
     snap = read_jsonl(out / "snapkv_w4_c16_k5_avgpool" / "speed.jsonl")
     assert [r["kept_after_prefill"] for r in snap] == [16, 16]
     assert snap[1]["reference"]["kept_after_prefill"] == 48
+    # each repeat's figures, for this row and for its reference measured in the same repeats (paired ratios)
+    assert len(snap[1]["tpot_runs_ms"]) == len(snap[1]["reference"]["tpot_runs_ms"]) == 1
 
 
 def test_per_token_nlls_in_a_sweep_equal_running_the_config_alone(swept, tiny_checkpoint, books_dir):

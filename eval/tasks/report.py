@@ -124,14 +124,16 @@ def budget_panels(configs: list[dict], ppl: list[dict], tasks: list[dict], budge
     return panels
 
 
-def heatmap_cells(task: str, tasks: list[dict], configs: list[dict]) -> dict[str, dict[str, dict[tuple, float]]]:
-    """Per kind of example (one when records have no `kind`): label -> (row, column) -> value, over the two
-    key fields the task names (Task.heatmap). The value is the exact-match rate when full KV gets some example
-    of that kind exactly right, else retained (a model that cannot retrieve, as tiny-pg19, still shows what
-    compression removes)."""
+def heatmap_cells(task: str, tasks: list[dict], configs: list[dict]
+                  ) -> dict[str, dict[str, dict[tuple, tuple[float, int]]]]:
+    """Per kind of example (one when records have no `kind`): label -> (row, column) -> (value, examples), over
+    the two key fields the task names (Task.heatmap). The value is the exact-match rate when full KV gets some
+    example of that kind exactly right, else retained (a model that cannot retrieve, as tiny-pg19, still shows
+    what compression removes), None where retained is undefined (full KV gains nothing there); examples: how
+    many it rests on (few: a cell says little on its own)."""
     rows_key, cols_key = TASKS[task].heatmap
     records = [r for r in tasks if r["task"] == task]
-    out: dict[str, dict[str, dict[tuple, float]]] = {}
+    out: dict[str, dict[str, dict[tuple, tuple[float, int]]]] = {}
     for kind in sorted({r.get("kind", "") for r in records}):
         mine = [r for r in records if r.get("kind", "") == kind]
         exact = any(r.get("exact_full") for r in mine)
@@ -142,8 +144,13 @@ def heatmap_cells(task: str, tasks: list[dict], configs: list[dict]) -> dict[str
                 if r["label"] == c["label"]:
                     cells.setdefault((r["example"][rows_key], r["example"][cols_key]), []).append(r)
             out.setdefault(title, {})[c["label"]] = {
-                k: (sum(r["exact"] for r in rs) / len(rs) if exact else retained_of(rs)) for k, rs in cells.items()}
+                k: (sum(r["exact"] for r in rs) / len(rs) if exact else retained_of(rs), len(rs))
+                for k, rs in cells.items()}
     return out
+
+
+# The heatmaps' axes: the examples' key fields with their units.
+HEATMAP_AXES = {"context": "context (tokens)", "depth": "depth (share of context)"}
 
 
 def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: Path, budget: str = "auto"
@@ -172,7 +179,8 @@ def task_section(configs: list[dict], ppl: list[dict], tasks: list[dict], out: P
         rows_key, cols_key = TASKS[task].heatmap
         for title, by_label in heatmap_cells(task, tasks, configs).items():
             name = folder_name(title.split(" (")[0].replace(" ", "_") + "_heatmap.png")  # e.g. needle_passkey_...
-            plots.heatmaps(by_label, f"{title} by {rows_key} (rows) and {cols_key} (columns)", rows_key, cols_key,
+            plots.heatmaps(by_label, f"{title} by {rows_key} (rows) and {cols_key} (columns)",
+                           HEATMAP_AXES.get(rows_key, rows_key), HEATMAP_AXES.get(cols_key, cols_key),
                            out / "plots" / name)
             lines += [f"![{title}](plots/{name})", ""]
     lines += ["### Raw metrics per task", ""] + raw_tables(configs, ppl, tasks)
