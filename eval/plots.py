@@ -144,9 +144,13 @@ def retained_vs_bytes(panels: dict[str, list[dict]], title: str, path: Path) -> 
     names = list(panels)
     policies = list(dict.fromkeys(p["policy"] for points in panels.values() for p in points))
     colors = _colors(policies)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 4.2), sharey=True, squeeze=False)
+    # Each panel its own y range: one task's wide intervals would flatten the others'. Policies at the same bytes
+    # are set a little apart (a share of the x range), so that their bars do not hide one another.
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names) + 1, 4.2), squeeze=False)
+    sizes = [p["kv_bytes"] / 2**20 for points in panels.values() for p in points]
+    step = 0.012 * ((max(sizes) - min(sizes)) or max(sizes))
     for ax, name in zip(axes[0], names):
-        for policy in policies:
+        for k, policy in enumerate(policies):
             mine = [p for p in panels[name] if p["policy"] == policy]
             best: dict[float, dict] = {}
             for p in mine:
@@ -155,7 +159,7 @@ def retained_vs_bytes(panels: dict[str, list[dict]], title: str, path: Path) -> 
             if not best:
                 continue
             line = [best[x] for x in sorted(best)]
-            xs = [p["kv_bytes"] / 2**20 for p in line]
+            xs = [p["kv_bytes"] / 2**20 + (k - (len(policies) - 1) / 2) * step for p in line]
             ys = [p["retained"] for p in line]
             nan = float("nan")  # no interval: no bar (and no caps) at that point
             below = [p["retained"] - p["low"] if p.get("low") is not None else nan for p in line]
@@ -164,7 +168,8 @@ def retained_vs_bytes(panels: dict[str, list[dict]], title: str, path: Path) -> 
                         label=policy)
             others = [p for p in mine if p not in line]
             if others:
-                ax.scatter([p["kv_bytes"] / 2**20 for p in others], [p["retained"] for p in others], s=12,
+                ax.scatter([p["kv_bytes"] / 2**20 + (k - (len(policies) - 1) / 2) * step for p in others],
+                           [p["retained"] for p in others], s=12,
                            alpha=0.3, color=colors[policy])
         ax.axhline(1.0, linestyle="--", color="black", linewidth=1, label="full KV")
         ax.axhline(0.0, color="grey", linewidth=0.8)

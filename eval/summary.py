@@ -13,6 +13,8 @@ One row per (configuration, metric, prompt length for speed, comparison), with t
 - vs: the configuration compared against (`none`, full KV; or the --baseline), and diff its paired difference,
   over the units both scored, the same draws for both: this - vs, except for `ppl`, where it is this / vs - 1.
   distinguishable: whether the interval of diff excludes 0. Empty for the configuration itself.
+- speed (ttft_ms, compress_ms, tpot_ms over the repeats; ttft_ratio and tpot_ratio against the no-compression
+  run measured in the same repeats, paired by repeat, vs `none`): the interval is that of the figure itself.
 - oracle_share: when the sweep has the oracle at this configuration's budget (the same entries per head and
   bytes held), where this configuration lies between the worst configuration at that budget (0) and the oracle
   (1), for the metrics with a direction (retained_*, ppl, a task's exact and NLL).
@@ -36,6 +38,7 @@ import numpy as np
 from . import stats
 from .ppl import ppl_groups
 from .results import read_json, write_text
+from .speed import speed_estimates
 from .tasks.base import TASKS, Task
 
 COLUMNS = ["model", "revision", "config", "metric", "prompt_len", "mean", "ci_low", "ci_high", "n", "vs", "diff",
@@ -172,6 +175,11 @@ def summary_rows(out: Path, results, baseline: str | None = None) -> list[dict]:
             if not against:  # full KV itself, or a sweep without it
                 rows.append(dict(base, vs=""))
         add_oracle_shares(rows, metric, results.configs)
+    for r in results.speed:
+        if r["engine"] == "minipythia" and r["label"] in labels:
+            for name, e in speed_estimates(r).items():
+                rows.append(dict(meta, config=r["label"], metric=name, prompt_len=r["prompt_len"], **_row(e),
+                                 vs="none" if name.endswith("_ratio") else ""))
     return rows
 
 

@@ -119,6 +119,12 @@ def test_the_oracle_runs_where_the_future_is_known_and_is_not_timed(summarized):
     oracle = next(c for c in sweep["configs"] if c["label"] == "oracle_c12")
     assert oracle["timed"] is False and not sweep["skipped"]
     assert not (out / "oracle_c12" / "speed.jsonl").exists()
+    # Speed is in the summary too: each timed configuration's ratios against none, at each prompt length.
+    timed = {r["config"] for r in rows if r["metric"] == "tpot_ratio" and r["prompt_len"] == "24"}
+    assert timed == set(LABELS) - {"none", "oracle_c12"}
+    (speed,) = read_jsonl(out / "snapkv_w4_c12_k5_avgpool" / "speed.jsonl")
+    ratio = pick(rows, "snapkv_w4_c12_k5_avgpool", "ttft_ratio")
+    assert float(ratio["mean"]) == pytest.approx(speed["ttft_ms"] / speed["reference"]["ttft_ms"])
     assert "Unfinished" not in (out / "report.md").read_text()
     # Its headroom share: 1 for itself, the worst at its budget 0, the others between.
     shares = {r["config"]: float(r["oracle_share"]) for r in rows if r["metric"] == "retained_recall"
