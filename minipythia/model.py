@@ -14,7 +14,20 @@ import torch.nn.functional as F
 from .compressors import Compressor, NoCompression
 from .config import PythiaConfig
 from .kv import KVCache
+from .precision import float32_prefill_default
 from .rotary import apply_rotary_, rotary_cos_sin
+
+
+def linear(layer: nn.Module, x: torch.Tensor, upcast: torch.Tensor | None) -> torch.Tensor:
+    """layer(x); with upcast, a float32 scratch of at least the layer's weight's size: the product of float32
+    copies of x and the layer's weights, rounded back to x's dtype (a bf16 multi-token forward on a CPU without
+    native bf16: minipythia/precision.py). Every layer copies its weight into the same scratch: no float32 set
+    of weights is kept, and a fresh float32 matrix per call cost 5x the copy in page faults."""
+    if upcast is None:
+        return layer(x)
+    weight = upcast[: layer.weight.numel()].view(layer.weight.shape).copy_(layer.weight)
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), weight, bias).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -26,10 +39,10 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, cos, sin, cache: KVCache | None):
+    def forward(self, x, cos, sin, cache: KVCache | None, upcast: torch.Tensor | None = None):
         B, T, C = x.shape
         # The fused projection is interleaved per head: [q_h, k_h, v_h] for each head h.
-        qkv = self.query_key_value(x).view(B, T, self.n_head, 3, self.head_size)
+        qkv = linear(self.query_key_value, x, upcast).view(B, T, self.n_head, 3, self.head_size)
         apply_rotary_(qkv[:, :, :, :2], cos, sin)  # queries and keys, in one pass
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, nh, T, hs)
 
@@ -48,20 +61,23 @@ class Attention(nn.Module):
                 q = q.float()
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if padding is None else padding[:, :, None]
                                                ).to(x.dtype)
-        elif n_past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            # Every cached entry precedes the new tokens, so the new block is causal among itself only.
-            mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
-            if padding is not None:
-                mask = mask & padding[:, :, None]  # (B, nh, T, n)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            mask = None
+            if n_past > 0:
+                # Every cached entry precedes the new tokens, so the new block is causal among itself only.
+                mask = torch.ones(T, n_past + T, dtype=torch.bool, device=x.device).tril(diagonal=n_past)
+                if padding is not None:
+                    mask = mask & padding[:, :, None]  # (B, nh, T, n)
+            # With upcast, the attention's two products in float32 too, on the bf16 entries (exact in float32);
+            # the compressor below still gets the bf16 queries.
+            q_, k, v = (q.float(), k.float(), v.float()) if upcast is not None else (q, k, v)
+            y = F.scaled_dot_product_attention(q_, k, v, attn_mask=mask, is_causal=mask is None).to(x.dtype)
 
         if cache is not None:
             # After the attention above saw every entry: a compression now only affects later tokens.
             cache.after_attention(self.layer_idx, q)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.dense(y)
+        return linear(self.dense, y, upcast)
 
 
 class MLP(nn.Module):
@@ -70,8 +86,9 @@ class MLP(nn.Module):
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact (erf) GELU
+    def forward(self, x, upcast: torch.Tensor | None = None):
+        hidden = F.gelu(linear(self.dense_h_to_4h, x, upcast))  # exact (erf) GELU
+        return linear(self.dense_4h_to_h, hidden, upcast)
 
 
 class Block(nn.Module):
@@ -83,12 +100,12 @@ class Block(nn.Module):
         self.attention = Attention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache):
-        attn = self.attention(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache, upcast: torch.Tensor | None = None):
+        attn = self.attention(self.input_layernorm(x), cos, sin, cache, upcast)
         if self.use_parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x))
+            return x + attn + self.mlp(self.post_attention_layernorm(x), upcast)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), upcast)
 
 
 class Pythia(nn.Module):
@@ -100,6 +117,9 @@ class Pythia(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rotary_table: tuple[torch.Tensor, torch.Tensor] | None = None  # see rotary()
+        # A bf16 model's multi-token forwards multiply in float32 (minipythia/precision.py); for_inference decides.
+        self.float32_prefill = False
+        self._upcast: torch.Tensor | None = None  # see upcast_scratch()
 
     def rotary(self, start: int, length: int, device, dtype):
         """cos, sin (length, rotary_ndims) for positions start.., sliced from a table computed once per
@@ -146,8 +166,9 @@ class Pythia(nn.Module):
         start = cache.next_position if cache is not None else 0
         x = self.embed_in(input_ids)  # (B, T, C)
         cos, sin = self.rotary(start, T, x.device, x.dtype)
+        upcast = self.upcast_scratch() if self.float32_prefill and T > 1 and x.dtype == torch.bfloat16 else None
         for block in self.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, upcast)
         if cache is not None:
             cache.advance(T)
         if last_only:
@@ -155,8 +176,17 @@ class Pythia(nn.Module):
             # no logits are needed. One batch row at a time: a BLAS rounds a product of B rows otherwise than
             # B products of one (on MKL a GEMM from B = 4, where one row is a GEMV), and a prompt's logits must
             # not depend on the batch it was prefilled in (eval.ppl's batch_windows).
+            # A one-row product streams the head like a decode step: in the model's dtype, upcast or not.
             return torch.cat([self.embed_out(row) for row in x.split(1)])
-        return self.embed_out(self.final_layer_norm(x))
+        return linear(self.embed_out, self.final_layer_norm(x), upcast)
+
+    def upcast_scratch(self) -> torch.Tensor:
+        """The float32 scratch that a float32-products forward copies each weight matrix into (linear()): the
+        size of the largest one, made once (for pythia-70m the LM head's, 98 MiB)."""
+        largest = max(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        if self._upcast is None or self._upcast.numel() < largest or self._upcast.device != self.embed_out.weight.device:
+            self._upcast = torch.empty(largest, device=self.embed_out.weight.device)
+        return self._upcast
 
     def check_ids(self, input_ids: torch.Tensor):
         """ValueError unless input_ids is a (B, T) integer tensor of ids in the vocabulary: an id beyond it
@@ -210,8 +240,11 @@ class Pythia(nn.Module):
         where = found[0] if found else None
         return (where or "nowhere in an uncached forward of these tokens") + held
 
-    def for_inference(self) -> "Pythia":
-        """The explicit step before decoding: eval mode, no gradients, and the weight layout that decodes fastest.
+    def for_inference(self, float32_prefill: bool | None = None) -> "Pythia":
+        """The explicit step before decoding: eval mode, no gradients, the weight layout that decodes fastest,
+        and for a bf16 model on CPU whether its multi-token forwards multiply in float32 (float32_prefill; None:
+        the MINIPYTHIA_BF16_PREFILL environment variable, by default where the CPU lacks native bf16; see
+        minipythia/precision.py). A float32 model computes as before either way.
 
         Decoding one token reads every weight once, so its speed is how fast the weights stream in. On CPU
         in float32 the 50304x512 LM head streams at about twice the rate when its (vocab, hidden) tensor is
@@ -220,6 +253,10 @@ class Pythia(nn.Module):
         loader leaves it to the caller."""
         self.eval().requires_grad_(False)
         head = self.embed_out.weight
+        bf16_on_cpu = head.device.type == "cpu" and head.dtype == torch.bfloat16
+        if bf16_on_cpu and float32_prefill is None:
+            float32_prefill = float32_prefill_default()
+        self.float32_prefill = bool(bf16_on_cpu and float32_prefill)
         if head.device.type == "cpu" and head.dtype == torch.float32 and head.is_contiguous():
             self.embed_out.weight = nn.Parameter(head.detach().t().contiguous().t(), requires_grad=False)
         return self

@@ -119,6 +119,52 @@ def test_bf16_cached_decoding_as_accurate_as_transformers(pair, shape):
     assert ours_err.max() <= 2 * hf_err.max()
     assert ours_err.mean() <= 1.5 * hf_err.mean()
 
+@pytest.mark.parametrize("shape", SHAPES)
+@torch.no_grad()
+def test_bf16_float32_products_as_accurate_as_pure_bf16(pair, shape):
+    """A bf16 model whose multi-token forwards multiply in float32 (minipythia/precision.py, the default on CPUs
+    without native bf16) against the same model in pure bf16, both measured against the float32 reference:
+    uncached logits, and a cached prefill + teacher-forced block (the eval's PPL targets) + decode steps. Its
+    errors may not exceed pure bf16's by more than the factors the bf16 parity tests allow; logits and the
+    cache stay bfloat16."""
+    hf32, _ = pair(shape, 0.25, True)
+    _, model = pair(shape, 0.25, True, torch.bfloat16)
+    pure, products = (copy.deepcopy(model).for_inference(float32_prefill=flag) for flag in (False, True))
+    assert products.float32_prefill and not pure.float32_prefill
+    ids = random_ids(model, 2, SEQ_LEN[shape] + 12, seed=5)
+    prompt, block = SEQ_LEN[shape], SEQ_LEN[shape] + 8
+    ref = hf32(ids).logits
+
+    def run(m):
+        cache = m.new_cache(2)
+        first = m(ids[:, :prompt], cache=cache, last_only=True)
+        targets = m(ids[:, prompt:block], cache=cache)  # a multi-token forward over a filled cache
+        steps = [m(ids[:, t : t + 1], cache=cache) for t in range(block, ids.size(1))]
+        assert cache.keys(0).dtype == torch.bfloat16
+        return m(ids), torch.cat([first, targets, *steps], dim=1)
+
+    errors = {}
+    for name, m in (("pure", pure), ("products", products)):
+        uncached, cached = run(m)
+        assert uncached.dtype == cached.dtype == torch.bfloat16
+        errors[name] = [(uncached.float() - ref).abs(), (cached.float() - ref[:, prompt - 1 :]).abs()]
+    print(f"bf16 {shape}: max err vs fp32, float32 products {[e.max().item() for e in errors['products']]}, "
+          f"pure bf16 {[e.max().item() for e in errors['pure']]}")
+    for ours, theirs in zip(errors["products"], errors["pure"]):
+        assert ours.max() <= 2 * theirs.max()
+        assert ours.mean() <= 1.5 * theirs.mean()
+
+
+def test_float32_prefill_changes_nothing_in_float32(pair):
+    """The choice is for bf16 models only: a float32 model asked for it computes the same bits."""
+    _, model = pair("tiny", 0.25, True)
+    ids = random_ids(model, 2, SEQ_LEN["tiny"])
+    asked = copy.deepcopy(model).for_inference(float32_prefill=True)
+    assert not asked.float32_prefill
+    with torch.no_grad():
+        assert torch.equal(asked(ids), model(ids))
+
+
 def greedy(model, ids, n_new):
     """Greedy decoding with our cache: prefill, then one token at a time."""
     cache = model.new_cache(ids.size(0))

@@ -14,7 +14,9 @@ Parts (each prints its table as soon as it is measured):
   median of the per-repeat ratios, [min-max] over repeats.
 - allocator: page faults and time of an uncompressed prefill, in child processes alternating the default
   glibc allocator and one that keeps freed memory (GLIBC_TUNABLES mmap and trim thresholds at 1 GiB).
-- bf16: TTFT and TPOT of a bfloat16 model against float32, alternating; whether this CPU has native bf16.
+- bf16: TTFT and TPOT of a bfloat16 model against float32, alternating, with float32 products in its prefill
+  (the default on CPUs without native bf16, minipythia/precision.py) and pure bf16; what the upcasts cost; how
+  far each prefill's NLL, logits and SnapKV kept sets are from float32's and from each other's.
 - batch: a 6-configuration sliding-window sweep (eval/configs/bench.yaml) with batch_windows 8 against 1,
   alternating, and whether the NLLs are the same.
 Writes nothing. The machine is shared: load average printed at the start and the end.
@@ -37,6 +39,7 @@ import torch
 from minipythia import Pythia, generate
 from minipythia.cli import add_model_args, resolve_model
 from minipythia.compressors.registry import build_compressor
+from minipythia.precision import cpu_description
 
 from ..data import random_prompt
 from ..ppl import default_windows, sliding_window_nlls
@@ -158,23 +161,79 @@ def allocator_part(model_dir: str, prompt_len: int, repeats: int):
               f"| {spread([x['s'] / y['s'] for x, y in zip(r, runs['default'])])} |", flush=True)
 
 
-def bf16_part(model_dir, prompt, new_tokens: int, repeats: int):
-    models = {name: Pythia.from_pretrained(model_dir, dtype=getattr(torch, name)).for_inference()
-              for name in ("float32", "bfloat16")}
+@torch.inference_mode()
+def prefill_fidelity(models: dict, prompt: torch.Tensor, capacity: int) -> dict:
+    """Per model: the prompt's mean NLL, its logits, and SnapKV's kept positions per (layer, head) after the
+    prompt's prefill (what a bf16 run's records hold: NLLs and kept sets)."""
+    out = {}
+    compressor = build_compressor("snapkv", {"max_capacity_prompt": capacity})
+    for name, m in models.items():
+        logits = m(prompt[None]).float()[0, :-1]
+        nll = torch.nn.functional.cross_entropy(logits, prompt[1:]).item()
+        cache = m.new_cache(compressor=compressor)
+        m(prompt[None], cache=cache, last_only=True)
+        kept = [cache.stores[layer].positions() for layer in range(cache.num_layers)]
+        out[name] = dict(nll=nll, logits=logits, kept=kept)
+    return out
+
+
+def kept_agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Share of kept (layer, head, position) entries two caches hold in common."""
+    common = total = 0
+    for x, y in zip(a, b):
+        for hx, hy in zip(x.flatten(0, 1), y.flatten(0, 1)):
+            common += len(set(hx.tolist()) & set(hy.tolist()))
+            total += hx.numel()
+    return common / total
+
+
+def upcast_seconds(model) -> float:
+    """Seconds to copy every linear layer's weights into the model's float32 scratch once: what a
+    float32-products forward adds to the products themselves."""
+    scratch = model.upcast_scratch()
+    start = time.perf_counter()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            scratch[: module.weight.numel()].copy_(module.weight.flatten())
+    return time.perf_counter() - start
+
+
+def bf16_part(model_dir, prompt, new_tokens: int, repeats: int, capacity: int):
+    """float32, bfloat16 with float32 products in its multi-token forwards (the default on CPUs without native
+    bf16) and pure bfloat16, alternating; then how far the two bf16 prefills are from each other and float32."""
+    load = lambda dtype, products=None: Pythia.from_pretrained(model_dir, dtype=dtype).for_inference(products)
+    models = {"float32": load(torch.float32), "bfloat16, float32 products": load(torch.bfloat16, True),
+              "bfloat16, pure": load(torch.bfloat16, False)}
     for m in models.values():
         one_run(m, prompt[:256], None, 4)
     runs = {name: [] for name in models}
+    upcast = []
     for _ in range(repeats):
         for name, m in models.items():
             runs[name].append(one_run(m, prompt, None, new_tokens))
+        upcast.append(upcast_seconds(models["bfloat16, pure"]))
     print(f"\n## bfloat16 against float32: {len(prompt)}-token prompt, no compression, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}\n")
-    print("| dtype | TTFT ms | TTFT / float32 | TPOT ms | TPOT / float32 |")
-    print("|---|---|---|---|---|")
+          f"{torch.backends.cpu.get_cpu_capability()}, {cpu_description()}\n")
+    print("| model | TTFT ms | TTFT / float32 | TTFT / pure bf16 | TPOT ms | TPOT / float32 |")
+    print("|---|---|---|---|---|---|")
     for name, r in runs.items():
         print(f"| {name} | {spread([1e3 * x['ttft'] for x in r], '.0f')} "
-              f"| {spread(ratios(runs, name, 'float32', 'ttft'))} | {spread([1e3 * x['tpot'] for x in r])} "
-              f"| {spread(ratios(runs, name, 'float32', 'tpot'))} |", flush=True)
+              f"| {spread(ratios(runs, name, 'float32', 'ttft'))} | {spread(ratios(runs, name, 'bfloat16, pure', 'ttft'))} "
+              f"| {spread([1e3 * x['tpot'] for x in r])} | {spread(ratios(runs, name, 'float32', 'tpot'))} |", flush=True)
+    print(f"\nUpcasting every linear layer's weights once (what each float32-products forward adds): "
+          f"{spread([1e3 * s for s in upcast], '.0f')} ms = {spread([100 * s / r['ttft'] for s, r in zip(upcast, runs['bfloat16, float32 products'])], '.1f')}% "
+          f"of its TTFT; memory: the scratch they are copied into, the largest matrix in float32, "
+          f"{models['bfloat16, float32 products'].upcast_scratch().nbytes / 2**20:.0f} MiB.")
+    fidelity = prefill_fidelity(models, prompt, capacity)
+    ref = fidelity["float32"]
+    print(f"\nPrefill of the {len(prompt)}-token prompt (all positions' logits; SnapKV C{capacity} kept sets):\n")
+    print("| model | mean NLL | NLL - float32 | max abs logit diff to float32 | to pure bf16 | kept entries as float32's | as pure bf16's |")
+    print("|---|---|---|---|---|---|---|")
+    for name, f in fidelity.items():
+        pure = fidelity["bfloat16, pure"]
+        print(f"| {name} | {f['nll']:.6f} | {f['nll'] - ref['nll']:+.2e} | {(f['logits'] - ref['logits']).abs().max():.3g} "
+              f"| {(f['logits'] - pure['logits']).abs().max():.3g} | {100 * kept_agreement(f['kept'], ref['kept']):.2f}% "
+              f"| {100 * kept_agreement(f['kept'], pure['kept']):.2f}% |", flush=True)
 
 
 def batch_part(model, tokens: int, repeats: int):
@@ -218,7 +277,7 @@ def main(argv=None):
     if unknown:
         parser.exit(2, f"unknown --parts {', '.join(sorted(unknown))}: choose from policies, allocator, bf16, batch\n")
     print(f"model {directory}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}; load average {load_average()}; {time.strftime('%Y-%m-%d %H:%M')}")
+          f"{torch.backends.cpu.get_cpu_capability()} ({cpu_description()}); load average {load_average()}; {time.strftime('%Y-%m-%d %H:%M')}")
     model = Pythia.from_pretrained(directory).for_inference()
     prompt = random_prompt(args.prompt_len, model.config.vocab_size)
     if "policies" in parts:
@@ -230,7 +289,7 @@ def main(argv=None):
     if "allocator" in parts:
         allocator_part(directory, args.prompt_len, args.repeats)
     if "bf16" in parts:
-        bf16_part(directory, prompt, args.new_tokens, args.repeats)
+        bf16_part(directory, prompt, args.new_tokens, args.repeats, args.capacity)
     if "batch" in parts:
         batch_part(model, args.batch_tokens, args.repeats)
     print(f"\nload average at the end {load_average()}")

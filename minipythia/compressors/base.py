@@ -239,7 +239,9 @@ def attention_weights(queries: torch.Tensor, keys: torch.Tensor, causal: bool = 
     # and a fresh one per step costs the allocator its pages again (page faults), more than the step itself.
     logits = (queries.float() @ keys.float().transpose(-1, -2)).div_(math.sqrt(hs))  # (B, nh, Q, L)
     if causal:
+        # Query i sees keys up to L - Q + i: only the last Q columns can be hidden, above their diagonal, so the
+        # mask covers those (Q x Q) instead of the whole (Q, L) block; the same entries become -inf.
         Q = queries.size(2)
-        hidden = torch.arange(L, device=keys.device) > torch.arange(L - Q, L, device=keys.device)[:, None]
-        logits.masked_fill_(hidden, float("-inf"))
+        hidden = torch.ones(Q, Q, dtype=torch.bool, device=keys.device).triu(diagonal=1)
+        logits[..., L - Q :].masked_fill_(hidden, float("-inf"))
     return logits.softmax(dim=-1)
