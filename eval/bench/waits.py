@@ -11,14 +11,15 @@ Parts (each prints its table as soon as it is measured):
   against SnapKV at the same capacity. Head-wise policies (AdaKV, DuoAttention) are also compared with a
   uniform cache holding the same total entries (SnapKV at their mean entries per head, "uniform= ..."). The
   configurations alternate within each repeat, so a machine that slows down slows all of them; a ratio is the
-  median of the per-repeat ratios, [min-max] over repeats.
+  median of the per-repeat ratios, [min-max] over repeats. Decode GB/s: the bytes a decode step must read
+  (every weight but the input embedding, and the KV held) per TPOT, against a copy bandwidth measured first.
 - allocator: page faults and time of an uncompressed prefill, in child processes alternating the default
   glibc allocator and one that keeps freed memory (GLIBC_TUNABLES mmap and trim thresholds at 1 GiB).
 - bf16: TTFT and TPOT of a bfloat16 model against float32, alternating, with float32 products in its prefill
   (the default on CPUs without native bf16, minipythia/precision.py) and pure bf16; what the upcasts cost; how
   far each prefill's NLL, logits and SnapKV kept sets are from float32's and from each other's.
 - batch: a 6-configuration sliding-window sweep (eval/configs/bench.yaml) with batch_windows 8 against 1,
-  alternating, and whether the NLLs are the same.
+  alternating, at windows 512 / 128 and at the model's default, and whether the NLLs are the same.
 Writes nothing. The machine is shared: load average printed at the start and the end.
 """
 
@@ -43,7 +44,7 @@ from minipythia.precision import cpu_description
 
 from ..data import random_prompt
 from ..ppl import default_windows, sliding_window_nlls
-from . import sweep_configs
+from . import copy_bandwidth_gbs, decode_bytes_per_token, sweep_configs
 
 # The policies the issue names, each at --capacity where it has that setting; knorm as one without a scorer.
 POLICIES = ("none", "snapkv", "knorm", "h2o", "merging", "criticalkv", "lagkv", "expected_attention", "kvzip",
@@ -104,11 +105,14 @@ def policies_part(model, prompt, capacity: int, new_tokens: int, repeats: int, n
     for _ in range(repeats):
         for label, c in configs.items():
             runs[label].append(one_run(model, prompt, c, new_tokens))
+    # The decode bandwidth floor: a step reads every weight but the input embedding's other rows, and the KV.
+    weights = decode_bytes_per_token(model, 0)
+    copy_gbs = copy_bandwidth_gbs()
     print(f"\n## Policies: {len(prompt)}-token prompt, capacity {capacity}, {new_tokens} new tokens, "
-          f"{repeats} repeats (median [min-max])\n")
+          f"{repeats} repeats (median [min-max]); copy bandwidth {copy_gbs:.1f} GB/s (read + write)\n")
     print("| policy | TTFT ms | compression % of TTFT | TTFT / none | TPOT ms | TPOT / none | TPOT / snapkv "
-          "| TPOT / uniform of equal entries | KV MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| TPOT / uniform of equal entries | KV MB | decode GB/s | of copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for label, c in configs.items():
         r = runs[label]
         uniform = f"uniform={label}"
@@ -120,7 +124,9 @@ def policies_part(model, prompt, capacity: int, new_tokens: int, repeats: int, n
                spread(ratios(runs, label, "none", "tpot")),
                spread(ratios(runs, label, "snapkv", "tpot")),
                spread(ratios(runs, label, uniform, "tpot")) if uniform in runs else "",
-               f"{r[-1]['kv'] / 2**20:.1f}"]
+               f"{r[-1]['kv'] / 2**20:.1f}",
+               spread([(weights + x["kv"]) / x["tpot"] / 1e9 for x in r], ".1f"),
+               spread([100 * (weights + x["kv"]) / x["tpot"] / 1e9 / copy_gbs for x in r], ".0f") + "%"]
         print("| " + " | ".join(row) + " |", flush=True)
 
 
@@ -237,23 +243,26 @@ def bf16_part(model_dir, prompt, new_tokens: int, repeats: int, capacity: int):
 
 
 def batch_part(model, tokens: int, repeats: int):
-    ids = random_prompt(tokens, model.config.vocab_size, seed=1)
+    """batch_windows 8 against 1 at two window settings: 512 / 128 (short windows, whose products are too small
+    to keep the cores busy one window at a time) and the sweeps' default (the trained length and a quarter of it:
+    1024 / 256 on tiny-pg19, 2048 / 512 on Pythia)."""
     configs = sweep_configs(model)
-    ctx_len, stride = default_windows(model, 512, 128)
-    seconds = {1: [], 8: []}
-    results = {}
-    for _ in range(repeats):
-        for batch in seconds:
-            start = time.perf_counter()
-            results[batch] = sliding_window_nlls(model, ids, ctx_len, stride, configs, batch_windows=batch)
-            seconds[batch].append(time.perf_counter() - start)
-    same = all(torch.equal(a, b) for a, b in zip(results[1], results[8]))
-    print(f"\n## Batched windows: {len(configs)} configurations, {tokens} tokens, windows {ctx_len}/{stride}, "
-          f"{repeats} alternating repeats\n")
-    print("| batch_windows | seconds | speed / batch_windows 1 | same NLLs |")
-    print("|---|---|---|---|")
-    for batch, s in seconds.items():
-        print(f"| {batch} | {spread(s)} | {spread([a / b for a, b in zip(seconds[1], s)])} | {same} |", flush=True)
+    print(f"\n## Batched windows: {len(configs)} configurations, {repeats} alternating repeats\n")
+    print("| windows | tokens | batch_windows | seconds | speed / batch_windows 1 | same NLLs |")
+    print("|---|---|---|---|---|---|")
+    for ctx_len, stride in dict.fromkeys((default_windows(model, 512, 128), default_windows(model, None, None))):
+        n = max(tokens, ctx_len + 8 * stride)  # at least 8 windows after the first: one full batch
+        ids = random_prompt(n, model.config.vocab_size, seed=1)
+        seconds, results = {1: [], 8: []}, {}
+        for _ in range(repeats):
+            for batch in seconds:
+                start = time.perf_counter()
+                results[batch] = sliding_window_nlls(model, ids, ctx_len, stride, configs, batch_windows=batch)
+                seconds[batch].append(time.perf_counter() - start)
+        same = all(torch.equal(a, b) for a, b in zip(results[1], results[8]))
+        for batch, s in seconds.items():
+            print(f"| {ctx_len}/{stride} | {n} | {batch} | {spread(s)} | "
+                  f"{spread([a / b for a, b in zip(seconds[1], s)])} | {same} |", flush=True)
 
 
 def main(argv=None):
