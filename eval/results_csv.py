@@ -86,13 +86,14 @@ def write_results_csv(out: Path, results) -> Path:
     return path
 
 
-def write_scale_csv(out: Path, member_folders: list[Path]) -> Path:
-    """OUT/results.csv of a scale sweep: its members' results.csv, concatenated under one header."""
-    lines = [",".join(COLUMNS)]
+def write_scale_csv(out: Path, member_folders: list[Path], name: str = "results.csv", columns=COLUMNS) -> Path:
+    """OUT/results.csv (or another table of each member, `name` with those columns) of a scale sweep: its
+    members' tables, concatenated under one header (the model and revision columns tell them apart)."""
+    lines = [",".join(columns)]
     for folder in member_folders:
-        if (folder / "results.csv").is_file():
-            lines += (folder / "results.csv").read_text(encoding="utf-8").splitlines()[1:]
-    path = Path(out) / "results.csv"
+        if (folder / name).is_file():
+            lines += (folder / name).read_text(encoding="utf-8").splitlines()[1:]
+    path = Path(out) / name
     write_text(path, "\n".join(lines) + "\n")
     return path
 

@@ -21,6 +21,7 @@ from .grid import ConfigError, folder_name
 from .markdown import table
 from .report import complete_ppl, load_sweep
 from .results import check_no_links_out, contained, read_json, write_json, write_text
+from . import summary
 from .results_csv import write_scale_csv
 from .tasks.report import ppl_retained, retained_of, task_names
 
@@ -120,7 +121,9 @@ def write_scale_report(out: Path) -> Path:
         lines += _plots(out, metric, members, [label for label in labels if label != "none"])
     path = out / "report.md"
     write_text(path, "\n".join(lines))
-    write_scale_csv(out, [out / m["folder"] for m in index["members"]])
+    folders = [out / m["folder"] for m in index["members"]]
+    write_scale_csv(out, folders)
+    write_scale_csv(out, folders, "summary.csv", summary.COLUMNS)
     return path
 
 

@@ -125,19 +125,26 @@ def compared(metric: Metric, records: list[dict], reference: list[dict]) -> stat
                                    metric.figure, compare=compare)
 
 
+def raw_metric(task: str, kind: str | None, field: str) -> Metric:
+    """The mean of one of a task's raw metrics (a record field) over its examples (of one kind)."""
+    def units(records):
+        return {_example(r): [float(r[field]), 1.0] for r in records
+                if r.get(field) is not None and (kind is None or r.get("kind") == kind)}
+    return Metric(".".join(x for x in (task, kind, field) if x), units, stats.ratio, HIGHER_IS_BETTER.get(field))
+
+
+def task_kinds(task: str, tasks: list[dict]) -> list[str | None]:
+    """The kinds of a task's examples in the records ([None] for a task without kinds)."""
+    return sorted({r.get("kind") for r in tasks if r["task"] == task and r.get("kind")}) or [None]
+
+
 def task_metrics(tasks: list[dict]) -> list[tuple[str, Metric]]:
     """(task, metric) of each task in the records: its retained, and its raw metrics per kind."""
     out = []
     for task in dict.fromkeys(r["task"] for r in tasks):
         out.append((task, retained_metric(task)))
-        kinds = sorted({r.get("kind") for r in tasks if r["task"] == task and r.get("kind")}) or [None]
-        for kind in kinds:
-            for field, _, _ in TASKS.get(task, Task).metrics:
-                def units(rs, field=field, kind=kind):
-                    return {_example(r): [float(r[field]), 1.0] for r in rs
-                            if r.get(field) is not None and (kind is None or r.get("kind") == kind)}
-                name = ".".join(x for x in (task, kind, field) if x)
-                out.append((task, Metric(name, units, stats.ratio, HIGHER_IS_BETTER.get(field))))
+        out += [(task, raw_metric(task, kind, field)) for kind in task_kinds(task, tasks)
+                for field, _, _ in TASKS.get(task, Task).metrics]
     return out
 
 

@@ -99,6 +99,10 @@ def test_the_report_sets_members_side_by_side(scale_out):
     assert [f"{100 * x:+.2f}%" for x in changes] == expected
     assert [(Path(r["model"]).name, r["revision"]) for r in rows if r["config"] == label and
             r["metric"] == "ppl_vs_none"] == [tuple(m.split("/")) for m in MEMBERS]
+    # OUT/summary.csv: every member's summary, its paired change vs none the same as the report's
+    rows = list(csv.DictReader((scale_out / "summary.csv").open()))
+    changes = [float(r["diff"]) for r in rows if r["config"] == label and r["metric"] == "ppl" and r["vs"] == "none"]
+    assert [f"{100 * x:+.2f}%" for x in changes] == expected
 
 
 def test_a_rerun_resumes_and_adds_nothing(scale_out, scale_grid, tmp_path):

@@ -77,26 +77,34 @@ def task_table(tasks: list[dict], configs: list[dict] | None = None, ppl: list[d
     return table(*retained_rows(configs, list(ppl), tasks))
 
 
+def interval_text(estimate, fmt: str) -> str:
+    """An estimate as `fmt` formats its numbers: 'mean [low, high]' (the mean alone without an interval)."""
+    if estimate is None:
+        return ""
+    if not estimate.has_interval:
+        return fmt.format(estimate.mean)
+    return f"{fmt.format(estimate.mean)} [{fmt.format(estimate.low)}, {fmt.format(estimate.high)}]"
+
+
 def raw_tables(configs: list[dict], ppl: list[dict], tasks: list[dict]) -> list[str]:
-    """A table per task (and kind) of its raw metrics per configuration: means over examples, over books
-    weighted by their tokens for PPL (with the key tokens counted)."""
+    """A table per task (and kind) of its raw metrics per configuration with their 95% intervals (eval.summary):
+    means over examples; for PPL over the tokens predicted through a compressed prompt, resampling windows
+    (with the key tokens counted)."""
     out = []
+    ppl_metrics = {m.name: m for m in summary.PPL_METRICS}
     groups = [("ppl", PPL_METRICS, [r for r in ppl if "kl" in r])]
     groups += [(t, TASKS.get(t, Task).metrics, [r for r in tasks if r["task"] == t]) for t in task_names(tasks)]
     for name, metrics, records in groups:
-        kinds = sorted({r.get("kind") for r in records if r.get("kind")}) or [None]
-        for kind in kinds if records else []:
+        for kind in summary.task_kinds(name, records) if records and name != "ppl" else [None] if records else []:
             rows = []
             for c in configs:
                 mine = [r for r in records if r["label"] == c["label"] and (kind is None or r.get("kind") == kind)]
                 if not mine:
                     continue
-                weights = [r["compressed_tokens"] if name == "ppl" else 1 for r in mine]
                 row = [c["label"], len(mine)]
                 for key, _, fmt in metrics:
-                    values = [(float(r[key]), w) for r, w in zip(mine, weights) if r.get(key) is not None]
-                    total = sum(w for _, w in values)
-                    row.append(fmt.format(sum(v * w for v, w in values) / total) if total else "")
+                    metric = ppl_metrics[key] if name == "ppl" else summary.raw_metric(name, kind, key)
+                    row.append(interval_text(summary.estimate_of(metric, mine), fmt))
                 if name == "ppl":
                     row.append(sum(r["key_tokens"] for r in mine))
                 rows.append(row)
