@@ -10,20 +10,19 @@ left off that axis).
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 from minipythia.bounded import shown
 
-from . import plots
+from . import plots, summary
 from .grid import ConfigError, folder_name
 from .markdown import table
 from .report import complete_ppl, load_sweep
 from .results import check_no_links_out, contained, read_json, write_json, write_text
-from . import summary
 from .results_csv import write_scale_csv
-from .tasks.report import ppl_retained, retained_of, task_names
+from .stats import Estimate
+from .tasks.report import task_names
 
 MAIN = "main"  # the folder of the default revision
 
@@ -71,24 +70,25 @@ def step_of(revision: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def member_metrics(folder: Path) -> tuple[dict, dict[str, dict[str, float | None]]]:
-    """A member's facts (model, revision, parameters, finished) and label -> {metric: value}: 'PPL vs none'
-    (relative change, over the books every config finished), 'retained: ppl' and 'retained: <task>'."""
+def member_metrics(folder: Path) -> tuple[dict, dict[str, dict[str, Estimate | None]]]:
+    """A member's facts (model, revision, parameters, finished) and label -> {metric: estimate with its 95%
+    interval (eval.summary)}: 'PPL vs none' (relative change, paired, for the configurations that finished every
+    book), 'retained: ppl' and 'retained: <task>'."""
     sweep = read_json(folder / "sweep.json")
     results = load_sweep(folder)
     ppl = complete_ppl(results.ppl)
-    metrics: dict[str, dict[str, float | None]] = {}
+    of = {c["label"]: [r for r in results.ppl if r["label"] == c["label"]] for c in results.configs}
+    metrics: dict[str, dict[str, Estimate | None]] = {}
     for c in results.configs:
         label = c["label"]
         mine = {}
         if label in ppl and "none" in ppl:
-            mine["PPL vs none"] = ppl[label] / ppl["none"] - 1
-        records = [r for r in results.ppl if r["label"] == label]
-        if any("nll_short_sum" in r for r in records):
-            mine["retained: ppl"] = ppl_retained(records)
+            mine["PPL vs none"] = summary.compared(summary.PPL_METRICS[0], of[label], of["none"])
+        if any("nll_short_sum" in r for r in of[label]):
+            mine["retained: ppl"] = summary.estimate_of(summary.PPL_METRICS[1], of[label])
         for task in task_names(results.tasks):
-            mine[f"retained: {task}"] = retained_of([r for r in results.tasks if r["label"] == label
-                                                     and r["task"] == task])
+            mine[f"retained: {task}"] = summary.estimate_of(summary.retained_metric(task), [
+                r for r in results.tasks if r["label"] == label and r["task"] == task])
         metrics[label] = mine
     facts = dict(model=sweep["model"], revision=sweep.get("revision"), parameters=sweep.get("parameters"),
                  unfinished=any("Unfinished" in s for s in results.sections))
@@ -131,8 +131,11 @@ def _member_name(model: str | None, revision: str | None) -> str:
     return f"{model_folder(model)}@{revision or MAIN}"
 
 
-def _cell(value, fmt) -> str:
-    return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else fmt(value)
+def _cell(value: Estimate | None, fmt) -> str:
+    """An estimate as fmt writes each number, 'mean [low, high]'."""
+    if value is None:
+        return ""
+    return fmt(value.mean) + (f" [{fmt(value.low)}, {fmt(value.high)}]" if value.has_interval else "")
 
 
 def _plots(out: Path, metric: str, members: list[dict], labels: list[str]) -> list[str]:
@@ -150,7 +153,7 @@ def _plots(out: Path, metric: str, members: list[dict], labels: list[str]) -> li
             for label in labels:
                 y = m["metrics"].get(label, {}).get(metric)
                 if y is not None:
-                    panels.setdefault(panel, {}).setdefault(label, []).append((x, y))
+                    panels.setdefault(panel, {}).setdefault(label, []).append((x, y.mean))
         panels = {p: lines_ for p, lines_ in panels.items() if any(len({x for x, _ in v}) > 1 for v in lines_.values())}
         if panels:
             path = plots.quality_vs_scale(panels, metric, x_label, axis == "size",
