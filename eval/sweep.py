@@ -290,6 +290,8 @@ def plan_sweep(inputs: SweepInputs, out: Path, command: str) -> PlannedSweep:
     started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), clock(model.embed_in.weight.device)
     tokenized = tokenized_books(books, tokenizer, spec.max_tokens) if spec.ppl else []
     settings = sweep_settings(spec, tokenized)
+    if model.float32_prefill:  # a bf16 model multiplying in float32 (minipythia/precision.py): other last bits,
+        settings["bf16_products"] = "float32"  # so its results are not mixed with a pure bf16 run's
     if spec.tasks:
         settings["task_text"] = task_text_origin(books, model)
     check_settings(out, settings)

@@ -50,3 +50,25 @@ def test_for_inference_applies_it_to_bf16_models_on_cpu_only(monkeypatch):
     assert Pythia(config).to(torch.bfloat16).for_inference(float32_prefill=True).float32_prefill  # the argument wins
     monkeypatch.setenv(precision.ENV, "fp16")
     Pythia(config).for_inference()  # a float32 model never reads the variable
+
+
+def test_a_sweep_does_not_mix_bf16_products_in_one_folder(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """A bf16 sweep multiplying in float32 records it in its settings: a pure bf16 run into the same folder (one
+    made before the choice existed, or with MINIPYTHIA_BF16_PREFILL=bfloat16) is refused in one line."""
+    from eval.__main__ import main
+    from minipythia.cli import run_cli
+
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text(" ".join(["the quick brown fox jumps over a lazy dog"] * 30))
+    (tmp_path / "s.yaml").write_text(f"data: {books}\ndtype: bfloat16\nctx_len: 64\nstride: 32\nmax_tokens: 128\n"
+                                     f"policies:\n  - {{compressor: none}}\n")
+    argv = ["sweep", str(tmp_path / "s.yaml"), "--model", str(tiny_checkpoint), "--out", str(tmp_path / "out")]
+    monkeypatch.setenv(precision.ENV, "float32")
+    assert run_cli(main, argv) == 0
+    sweep = (tmp_path / "out" / "sweep.json").read_text()
+    assert '"bf16_products": "float32"' in sweep
+    capsys.readouterr()
+    monkeypatch.setenv(precision.ENV, "bfloat16")
+    assert run_cli(main, argv) == 2
+    assert "bf16_products: \"float32\" there, none now" in capsys.readouterr().err.replace("'", '"')
