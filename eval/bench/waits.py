@@ -2,7 +2,7 @@
 
     python -m minipythia.random_checkpoint 70m weights/random-70m
     python -m eval.bench.waits --model weights/random-70m [--prompt-len 2048] [--capacity 512] [--new-tokens 16]
-                               [--repeats 3] [--parts policies,allocator,bf16,batch]
+                               [--repeats 3] [--parts policies,h2o,allocator,bf16,batch]
 
 Parts (each prints its table as soon as it is measured):
 - policies: per policy, TTFT, the compression's share of it (scoring, selection, gather: the cache's
@@ -13,6 +13,8 @@ Parts (each prints its table as soon as it is measured):
   configurations alternate within each repeat, so a machine that slows down slows all of them; a ratio is the
   median of the per-repeat ratios, [min-max] over repeats. Decode GB/s: the bytes a decode step must read
   (every weight but the input embedding, and the KV held) per TPOT, against a copy bandwidth measured first.
+- h2o: H2O's score of one layer against its inherent work (a float32 causal QK^T, softmax and column sums in
+  one pass each), one thread.
 - allocator: page faults and time of an uncompressed prefill, in child processes alternating the default
   glibc allocator and one that keeps freed memory (GLIBC_TUNABLES mmap and trim thresholds at 1 GiB).
 - bf16: TTFT and TPOT of a bfloat16 model against float32, alternating, with float32 products in its prefill
@@ -242,6 +244,42 @@ def bf16_part(model_dir, prompt, new_tokens: int, repeats: int, capacity: int):
               f"| {100 * kept_agreement(f['kept'], pure['kept']):.2f}% |", flush=True)
 
 
+def h2o_part(model, prompt_len: int, repeats: int):
+    """H2O's score of one layer against its inherent work, the same shape, one thread (so that the cores' sharing
+    does not count): a float32 QK^T of the prompt's queries and keys, the causal mask, the softmax and the column
+    sums, each a single pass over the whole (L, L) block."""
+    c = model.config
+    B, H, L, hs = 1, c.num_attention_heads, prompt_len, c.hidden_size // c.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, hs, generator=generator) for _ in range(3))
+    h2o = build_compressor("h2o", {"max_capacity_prompt": L // 4})
+
+    def inherent():
+        logits = (q @ k.transpose(-1, -2)).div_(hs ** 0.5)
+        logits.masked_fill_(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+        return logits.softmax(-1).sum(-2)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inherent(), h2o.score(0, k, v, q)  # warm-up
+        seconds = {"inherent": [], "h2o": []}
+        for _ in range(max(repeats, 5)):
+            for name, f in (("inherent", inherent), ("h2o", lambda: h2o.score(0, k, v, q))):
+                start = time.perf_counter()
+                f()
+                seconds[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\n## H2O's score against its inherent work: one layer, {L} tokens, {H} heads, 1 thread, "
+          f"{len(seconds['h2o'])} alternating rounds\n")
+    print("| | ms | / inherent |")
+    print("|---|---|---|")
+    for name, s in seconds.items():
+        print(f"| {name} | {spread([1e3 * x for x in s])} | "
+              f"{spread([a / b for a, b in zip(s, seconds['inherent'])])} |", flush=True)
+
+
 def batch_part(model, tokens: int, repeats: int):
     """batch_windows 8 against 1 at two window settings: 512 / 128 (short windows, whose products are too small
     to keep the cores busy one window at a time) and the sweeps' default (the trained length and a quarter of it:
@@ -274,7 +312,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, default=2048)
-    parser.add_argument("--parts", default="policies,allocator,bf16,batch")
+    parser.add_argument("--parts", default="policies,h2o,allocator,bf16,batch")
     parser.add_argument("--policies", default=",".join(POLICIES), help="the policies part's policies (comma-separated)")
     parser.add_argument("--prefill-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -282,9 +320,10 @@ def main(argv=None):
     if args.prefill_child:
         return prefill_child(directory, args.prompt_len, args.repeats)
     parts = args.parts.split(",")
-    unknown = set(parts) - {"policies", "allocator", "bf16", "batch"}
+    unknown = set(parts) - {"policies", "h2o", "allocator", "bf16", "batch"}
     if unknown:
-        parser.exit(2, f"unknown --parts {', '.join(sorted(unknown))}: choose from policies, allocator, bf16, batch\n")
+        parser.exit(2, f"unknown --parts {', '.join(sorted(unknown))}: choose from policies, h2o, allocator, bf16, "
+                       f"batch\n")
     print(f"model {directory}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()} ({cpu_description()}); load average {load_average()}; {time.strftime('%Y-%m-%d %H:%M')}")
     model = Pythia.from_pretrained(directory).for_inference()
@@ -295,6 +334,8 @@ def main(argv=None):
             parser.exit(2, f"unknown --policies {', '.join(sorted(set(names) - set(POLICIES)))}: choose from "
                            f"{', '.join(POLICIES)}\n")
         policies_part(model, prompt, args.capacity, args.new_tokens, args.repeats, names)
+    if "h2o" in parts:
+        h2o_part(model, args.prompt_len, args.repeats)
     if "allocator" in parts:
         allocator_part(directory, args.prompt_len, args.repeats)
     if "bf16" in parts:
