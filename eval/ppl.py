@@ -304,6 +304,11 @@ KEY_TOKEN_GAIN = 2.0
 KEY_TOKEN_LOG_P = -2.0
 
 
+def key_tokens(s: WindowScores) -> torch.Tensor:
+    """Which of the tokens predicted through a compressed prompt are key tokens (LongPPL's criterion above)."""
+    return (s.short_nll - s.full_nll > KEY_TOKEN_GAIN) & (-s.full_nll > KEY_TOKEN_LOG_P)
+
+
 def reference_fields(s: WindowScores) -> dict:
     """What a PPL record says beyond the PPL, over the tokens predicted through a compressed prompt:
     KL(full KV || this) and top-1 agreement with full KV (means), and `retained`, the share of the long
@@ -311,7 +316,7 @@ def reference_fields(s: WindowScores) -> dict:
     (short - this) / (short - full) on summed NLLs, also on the key tokens alone. `gain_full` and `gain`:
     nats per token better than the control, with full KV and with this config (the tasks' common fields)."""
     n = s.compressed_nll.numel()
-    key = (s.short_nll - s.full_nll > KEY_TOKEN_GAIN) & (-s.full_nll > KEY_TOKEN_LOG_P)
+    key = key_tokens(s)
     sums = {name: t.double().sum().item() for name, t in (("this", s.compressed_nll), ("full", s.full_nll),
                                                            ("short", s.short_nll))}
     keys = {name: t[key].double().sum().item() for name, t in (("this", s.compressed_nll), ("full", s.full_nll),
@@ -346,7 +351,7 @@ def window_sums(s: WindowScores, scored: list[tuple[int, bool]]) -> dict[str, li
     if s.compressed_nll is None:
         return sums
     compressed = [n if through_prompt else 0 for n, through_prompt in scored]
-    key = (s.short_nll - s.full_nll > KEY_TOKEN_GAIN) & (-s.full_nll > KEY_TOKEN_LOG_P)
+    key = key_tokens(s)
     fields = dict(nll_compressed=s.compressed_nll, nll_full=s.full_nll, nll_short=s.short_nll, kl=s.kl, top1=s.top1,
                   key_tokens=key, key_nll=s.compressed_nll * key, key_nll_full=s.full_nll * key,
                   key_nll_short=s.short_nll * key)

@@ -11,8 +11,8 @@ metric is one of
     retained_ppl      PPL's retained (docs/tasks.md); retained_ppl_key_tokens on the key tokens alone
     retained_TASK     a task's retained (recall, needle, continuation, ...)
     ttft_ms, tpot_ms, kv_end_bytes   speed, at prompt_len (minipythia's rows; medians of the repeats)
-These are point estimates, the figures report.md shows; a summary with confidence intervals, when a run writes
-one, sits beside this file and is computed from the same records. A scale sweep's OUT/results.csv is its
+These are point estimates, the figures report.md shows; summary.csv beside it has them with their intervals,
+from the same records. A scale sweep's OUT/results.csv is its
 members' tables, one after the other (the model and revision columns tell them apart).
 """
 

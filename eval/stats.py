@@ -16,6 +16,7 @@ The draws come from a generator seeded by SEED and the number of units, so a rer
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,12 +56,15 @@ class Estimate:
 Figure = Callable[[np.ndarray], np.ndarray]  # column sums (..., k) -> the figure (...), NaN where undefined
 
 
+@functools.lru_cache(maxsize=64)
 def draws(n: int, resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
-    """(resamples, n) counts: how often each unit is drawn in each resample (each row sums to n)."""
+    """(resamples, n) counts: how often each unit is drawn in each resample (each row sums to n). The same for
+    every figure over n units, so made once per n (read-only: callers share it)."""
     generator = np.random.default_rng([seed, n])
     picks = generator.integers(0, n, size=(resamples, n))
     counts = np.zeros((resamples, n), dtype=np.int64)
     np.add.at(counts, (np.arange(resamples)[:, None], picks), 1)
+    counts.flags.writeable = False
     return counts
 
 

@@ -72,9 +72,7 @@ def _windows(records: list[dict], compressed: bool) -> list[tuple[tuple, dict]]:
                             key_nll_short=r["key_nll_short_sum"])
             out.append(((r["book"],), book))
             continue
-        for i in range(len(w["tokens"])):
-            if not compressed or w.get("compressed_tokens", [0] * (i + 1))[i]:
-                out.append(((r["book"], i), {k: v[i] for k, v in w.items()}))
+        out += [((r["book"], i), {k: v[i] for k, v in w.items()}) for i in range(len(w["tokens"]))]
     return [(key, sums) for key, sums in out if not compressed or sums.get("compressed_tokens")]
 
 
@@ -224,24 +222,13 @@ def write_summary_csv(out: Path, rows: list[dict]) -> Path:
 
 
 class Summary:
-    """The rows, looked up by (config, metric[, vs]) for the report's tables."""
+    """The rows, and their paired differences looked up by (config, metric, vs) for the report's tables."""
 
     def __init__(self, rows: list[dict]):
         self.rows = rows
         self._by = {(r["config"], r["metric"], r.get("prompt_len", ""), r.get("vs", "")): r for r in rows}
 
-    def get(self, config: str, metric: str, vs: str | None = None, prompt_len="") -> dict | None:
-        if vs is not None:
-            return self._by.get((config, metric, prompt_len, vs))
-        return next((r for r in self.rows if r["config"] == config and r["metric"] == metric
-                     and r.get("prompt_len", "") == prompt_len), None)
-
-    def estimate(self, config: str, metric: str, prompt_len="") -> stats.Estimate | None:
-        r = self.get(config, metric, prompt_len=prompt_len)
-        return None if r is None or r.get("mean") is None else \
-            stats.Estimate(r["mean"], r.get("ci_low"), r.get("ci_high"), r["n"])
-
     def difference(self, config: str, metric: str, vs: str, prompt_len="") -> stats.Estimate | None:
-        r = self.get(config, metric, vs, prompt_len)
+        r = self._by.get((config, metric, prompt_len, vs))
         return None if r is None or r.get("diff") is None else \
             stats.Estimate(r["diff"], r.get("diff_low"), r.get("diff_high"), r["n"])

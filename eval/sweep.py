@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from minipythia import Compressor, NoCompression, Prefill, oracle_future_queries
+from minipythia import Compressor, NoCompression, Prefill
 from minipythia.bounded import shown
 from minipythia.timing import clock
 
@@ -45,6 +45,7 @@ from .executors import Job, ModelSource, RayCluster, run_serial
 from .ppl import PPL_RECORD_KEYS, kept_per_head, ppl_base, record_key, warn_uncompressed
 from .report import write_report
 from .results import append_jsonl, check_no_links_out, locked, read_json, read_jsonl, write_json
+from .replay import Future
 from .speed import REFERENCE_KEYS, RUN_KEYS, complete_speed_rows, load_hf, measure, measure_hf, run_meta
 from .tasks import TASK_RECORD_KEYS, TextSource, example_shape, sample_text, task_complete
 from .tasks import record_key as task_record_key
@@ -124,14 +125,8 @@ def held_bytes(model, configs: list[Compressor], prompt_len: int) -> dict[str, i
     them, do not depend on the values): the KV budget in bytes, which eviction and quantization share."""
     ids = torch.randint(0, model.config.vocab_size, (1, max(prompt_len, 1) + 8), generator=torch.Generator().manual_seed(0))
     ids = ids.to(model.embed_in.weight.device)
-    prefill = Prefill.record(model, ids[:, :-8])
-    held = {None: prefill.replay(model, None).nbytes}
-    for c in configs:
-        if c.sees_future:  # the oracle: a future of 8 more random tokens
-            c.see_future(oracle_future_queries(model, ids[:, :-8], ids[:, -8:]))
-        held[c.label] = prefill.replay(model, c).nbytes
-        c.see_future({})
-    return held
+    future = Future(model, Prefill.record(model, ids[:, :-8]), ids[:, -8:])  # the oracle's: 8 more random tokens
+    return {c.label: future.replay(c).nbytes for c in configs} | {None: future.replay(None).nbytes}
 
 
 def merged_settings(out: Path, settings: dict) -> dict:
