@@ -8,12 +8,12 @@ from .config import MODEL_NAMES, PythiaConfig
 from .generate import Generation, generate
 from .kv import KVCache
 from .model import Pythia
-from .prefill import Prefill
+from .prefill import Prefill, Prompt
 from .tokenizer import Tokenizer
 
 __all__ = ["COMPRESSORS", "H2O", "TOVA", "AdaKV", "CapacityBudget", "ChunkKV", "Compressor", "CriticalAdaKV",
            "CriticalKV", "DuoAttention", "ExpectedAttention", "Generation", "KVCache", "KVzip", "KeyDiff", "KnormPress",
-           "LagKV", "MODEL_NAMES", "Merging", "NoCompression", "Oracle", "PerLayer", "Prefill", "Pythia",
+           "LagKV", "MODEL_NAMES", "Merging", "NoCompression", "Oracle", "PerLayer", "Prefill", "Prompt", "Pythia",
            "PythiaConfig", "PyramidKV", "RandomEviction", "SnapKV", "StreamingLLM", "ThinK", "Tokenizer",
            "attention_weights", "build_compressor", "generate", "import_policies", "oracle_future_queries",
            "register"]

@@ -15,6 +15,7 @@ from .compressors import Compressor, NoCompression
 from .config import PythiaConfig
 from .kv import KVCache
 from .precision import float32_prefill_default
+from .prefill import Prompt
 from .rotary import apply_rotary_, rotary_cos_sin
 
 
@@ -162,7 +163,11 @@ class Pythia(nn.Module):
         if cache is not None and cache.batch_size != B:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B}")
         if cache is not None and cache.in_prefill:
-            cache.compressor.prepare(self, input_ids)
+            prompt = Prompt(self, input_ids, last_only)
+            cache.compressor.prepare(self, prompt)
+            if prompt.recorded:  # the policy ran the uncompressed prefill already: the cache is filled from it
+                prompt.prefill.fill(cache)
+                return prompt.prefill.logits
         start = cache.next_position if cache is not None else 0
         x = self.embed_in(input_ids)  # (B, T, C)
         cos, sin = self.rotary(start, T, x.device, x.dtype)

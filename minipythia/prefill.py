@@ -47,9 +47,39 @@ class Prefill:
         """The cache a prefill of the same tokens with this compressor (and decode_interval) would have left."""
         cache = model.new_cache(self.keys[0].size(0), compressor, decode_interval)
         if compressor is not None:
-            compressor.prepare(model, self.input_ids)
+            compressor.prepare(model, Prompt(model, self.input_ids, prefill=self))
+        self.fill(cache)
+        return cache
+
+    def fill(self, cache: KVCache):
+        """Makes, into an empty cache, the calls the model's forward makes (append, after_attention, advance)."""
         for layer, (k, v, q) in enumerate(zip(self.keys, self.values, self.queries)):
             cache.append(layer, k, v)
             cache.after_attention(layer, q)
         cache.advance(self.num_tokens)
-        return cache
+
+
+class Prompt:
+    """What Compressor.prepare gets before a prefill: the prompt's ids, and its uncompressed prefill, recorded
+    the first time a policy asks for it (KVzip's reconstruction reads its cache, DuoAttention's model-wide
+    ranking its keys and queries: every layer, which a layer's compression cannot wait for). Once recorded, the
+    model's forward fills the cache from it instead of running the prompt a second time; a replay hands over
+    the prefill it has."""
+
+    def __init__(self, model, input_ids: torch.Tensor, last_only: bool = True, prefill: Prefill | None = None):
+        self.model, self.input_ids, self.last_only = model, input_ids, last_only
+        self._prefill = prefill
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.size(1)
+
+    @property
+    def prefill(self) -> Prefill:
+        if self._prefill is None:
+            self._prefill = Prefill.record(self.model, self.input_ids, self.last_only)
+        return self._prefill
+
+    @property
+    def recorded(self) -> bool:
+        return self._prefill is not None

@@ -109,8 +109,8 @@ class PoisonedKnorm(KnormPress):
     window, wherever that window falls in a batch."""
     marker: int = -1
 
-    def prepare(self, model, input_ids):
-        self.poisoned = input_ids[:, 0] == self.marker  # (B,)
+    def prepare(self, model, prompt):
+        self.poisoned = prompt.input_ids[:, 0] == self.marker  # (B,)
 
     def kept_values(self, layer, keys, values, queries, idx):
         kept = values.gather(2, idx[..., None].expand(-1, -1, -1, values.size(-1)))

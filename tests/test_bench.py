@@ -57,3 +57,29 @@ def test_the_measured_alternatives_compute_the_shipped_logits(tiny_checkpoint):
     cache = packed.new_cache(2)
     steps = [packed(ids[:, :12], cache=cache)] + [packed(ids[:, i : i + 1], cache=cache) for i in range(12, 20)]
     assert (torch.cat(steps, dim=1) - reference).abs().max() <= 1e-5
+
+
+def test_waits_kvzip_part_splits_its_ttft_into_its_inherent_work(tiny_checkpoint, capsys):
+    """The kvzip part's table: each part's time, its ratio to none's prefill, and the inherent sum of the first
+    three rows, whose own ratio to itself is exactly 1."""
+    from eval.bench import waits
+
+    waits.main(["--model", str(tiny_checkpoint), "--parts", "kvzip", "--prompt-len", "300", "--capacity", "64",
+                "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "KVzip's TTFT against its inherent work: 300 tokens, capacity 64, 1 chunks" in out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| |")}
+    assert set(rows) == {"prompt's forward (none's prefill)", "reconstruction forwards", "scores, plainly",
+                         "scores, as kvzip computes them", "kvzip's TTFT", "inherent (the first three)"}
+    assert rows["prompt's forward (none's prefill)"][1].startswith("1.00 [1.00-1.00]")
+    assert rows["inherent (the first three)"][2].startswith("1.00 [1.00-1.00]")
+    assert float(rows["kvzip's TTFT"][1].split()[0]) > 1  # it runs a reconstruction besides the prefill
+
+
+def test_waits_rejects_an_unknown_part(tiny_checkpoint):
+    from eval.bench import waits
+
+    with pytest.raises(SystemExit) as e:
+        waits.main(["--model", str(tiny_checkpoint), "--parts", "kvzip,nope"])
+    assert e.value.code == 2

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import random_ids
-from minipythia import COMPRESSORS, KVCache, Prefill, Pythia, PythiaConfig, SnapKV, build_compressor
+from minipythia import COMPRESSORS, KVCache, Prefill, Prompt, Pythia, PythiaConfig, SnapKV, build_compressor
 from minipythia.compressors.adakv import AdaKV, adaptive_selection
 from minipythia.compressors.criticalkv import CriticalAdaKV, CriticalKV
 from minipythia.compressors import criticalkv as criticalkv_module
@@ -81,7 +81,8 @@ def compress_one(compressor, q, k, v, weight):
     B, H, _, D = k.shape
     config = PythiaConfig(vocab_size=8, hidden_size=H * D, num_hidden_layers=1, num_attention_heads=H,
                           intermediate_size=8)
-    compressor.prepare(fake_model([weight]), torch.zeros(B, k.size(2), dtype=torch.long))
+    model = fake_model([weight])
+    compressor.prepare(model, Prompt(model, torch.zeros(B, k.size(2), dtype=torch.long)))
     cache = KVCache(config, B, compressor=compressor)
     cache.append(0, k, v)
     cache.compress(0, q)
@@ -171,7 +172,8 @@ def test_output_projection_orientation():
     v = torch.randn(B, H, L, D, generator=g)
     dense = torch.nn.Linear(H * D, H * D)
     ckv = CriticalKV(max_capacity_prompt=2, scorer="knorm")
-    ckv.prepare(fake_model([dense.weight]), torch.zeros(B, L, dtype=torch.long))
+    model = fake_model([dense.weight])
+    ckv.prepare(model, Prompt(model, torch.zeros(B, L, dtype=torch.long)))
     got = ckv.projected_norm(0, v)
     for h in range(H):
         y = torch.zeros(B, L, H * D)
@@ -188,7 +190,8 @@ def test_projected_norm_in_head_blocks_is_bitwise_the_per_head_norm(monkeypatch,
     v, w = torch.randn(B, H, L, D, generator=g), torch.randn(H * D, 24, generator=g)
     monkeypatch.setattr(criticalkv_module, "PROJECTION_BLOCK", block)
     ckv = CriticalKV(max_capacity_prompt=2, scorer="knorm")
-    ckv.prepare(fake_model([w.t()]), torch.zeros(B, L, dtype=torch.long))
+    model = fake_model([w.t()])
+    ckv.prepare(model, Prompt(model, torch.zeros(B, L, dtype=torch.long)))
     per_head = torch.stack([(v[:, h] @ w[h * D:(h + 1) * D]).abs().sum(dim=-1) for h in range(H)], dim=1)
     assert torch.equal(ckv.projected_norm(0, v), per_head)
 

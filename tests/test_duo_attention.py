@@ -125,7 +125,13 @@ def test_end_to_end_ragged_cache_and_decoding(model, ranking):
     policy = DuoAttention(head_compression_ratio=0.5, sink_size=4, recent_size=16, pattern_length=200,
                           head_ranking=ranking)
     cache = model.new_cache(B, compressor=policy)
-    token = model(ids, cache=cache)[:, -1:].argmax(-1)
+    forwards = []
+    hook = model.embed_in.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape))
+    try:
+        token = model(ids, cache=cache)[:, -1:].argmax(-1)
+    finally:
+        hook.remove()
+    assert forwards == [(B, L)]  # the model-wide ranking reads the prefill's own record: the prompt runs once
     assert all(isinstance(store, RaggedStore) for store in cache.stores)
     full = model.new_cache(B, record_queries=True)
     model(ids, cache=full)

@@ -13,7 +13,8 @@ import math
 
 import pytest
 import torch
-from minipythia import COMPRESSORS, KVCache, NoCompression, Prefill, Pythia, PythiaConfig, build_compressor, generate
+from minipythia import (COMPRESSORS, KVCache, NoCompression, Prefill, Prompt, Pythia, PythiaConfig, build_compressor,
+                        generate)
 from minipythia.compressors.base import attention_weights
 from minipythia.compressors.kvzip import KVzip, reconstruction_attention
 
@@ -126,6 +127,32 @@ def test_reconstruction_attention_on_hand_made_tensors():
     assert scores[0, 0].argmax() == 3 and scores[0, 0, 3] > 0.99
 
 
+def former_reconstruction_attention(queries, sink_keys, chunk_keys, repeat_keys):
+    """The implementation before the scores were computed a block of queries at a time: the whole (T, S + n + T)
+    float32 matrix, the reconstruction's later tokens masked, softmax, the chunk's columns, max over queries."""
+    S, n, T = sink_keys.size(2), chunk_keys.size(2), repeat_keys.size(2)
+    keys = torch.cat((sink_keys, chunk_keys, repeat_keys), dim=2).float()
+    logits = queries.float() @ keys.transpose(-1, -2) / math.sqrt(keys.size(-1))
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    logits[..., S + n :] = logits[..., S + n :].masked_fill(future, float("-inf"))
+    return logits.softmax(dim=-1)[..., S : S + n].amax(dim=-2)
+
+
+@pytest.mark.parametrize("B,H,S,n,T", [
+    (1, 8, 0, 2000, 2001),  # the first chunk of a long prompt: 7 blocks of 256 queries, then 209
+    (2, 3, 4, 500, 513),  # a last block of 257 (never one of a single query)
+    (1, 2, 4, 250, 257),  # one block
+    (1, 4, 2, 48, 57),  # a later chunk's short reconstruction
+    (1, 1, 0, 1, 2),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_scores_are_the_whole_matrix_bit_for_bit(B, H, S, n, T, dtype):
+    g = torch.Generator().manual_seed(T)
+    queries, sinks, chunk, repeat = ((3 * torch.randn(B, H, m, 64, generator=g)).to(dtype) for m in (T, S, n, T))
+    assert torch.equal(reconstruction_attention(queries, sinks, chunk, repeat),
+                       former_reconstruction_attention(queries, sinks, chunk, repeat))
+
+
 @torch.no_grad()
 def test_kept_entries_are_those_the_reconstruction_attends_to_most(model):
     """One chunk, no sinks: the score of each prompt entry is the largest weight the model's own (causal)
@@ -154,6 +181,31 @@ def test_prompt_within_the_budget_stays_whole_without_a_reconstruction(model):
         assert policy.reconstruction_scores == {}  # nothing to evict: prepare ran no forward
         for layer in range(model.config.num_hidden_layers):
             assert torch.equal(cache.positions(layer), torch.arange(L).expand(1, model.config.num_attention_heads, L))
+
+
+@torch.no_grad()
+def test_the_prompt_runs_once_its_prefill_shared_with_the_reconstruction(model):
+    """The prefill's forward records the prompt for prepare and fills the cache from that record: two forwards
+    for a prompt of one chunk (the prompt, its reconstruction), not three; the same logits as a forward without a
+    cache, and the cache a replay of that record leaves."""
+    L, C = 48, 16
+    prompt = random_ids(model, 2, L, seed=11)
+    forwards = []
+    hook = model.embed_in.register_forward_hook(lambda module, args, out: forwards.append(args[0].shape))
+    try:
+        cache = model.new_cache(2, KVzip(max_capacity_prompt=C), record_queries=True)
+        logits = model(prompt, cache=cache)
+    finally:
+        hook.remove()
+    assert forwards == [(2, L), (2, L + 1)]  # the prompt, then [separator] + the prompt
+    assert torch.equal(logits, model(prompt))
+    replayed = Prefill.record(model, prompt, last_only=False).replay(model, KVzip(max_capacity_prompt=C))
+    assert cache.seen == L
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(cache.positions(layer), replayed.positions(layer))
+        assert torch.equal(cache.values(layer), replayed.values(layer))
+        assert cache.recorded_queries[layer].shape == (2, model.config.num_attention_heads, L,
+                                                       model.config.head_size)
 
 
 @torch.no_grad()
@@ -188,7 +240,7 @@ def test_score_without_prepare_for_these_keys_is_a_clear_error(model):
     with pytest.raises(ValueError, match="prepare"):
         KVzip(max_capacity_prompt=8).score(0, k, k, k)
     policy = KVzip(max_capacity_prompt=8)
-    policy.prepare(model, random_ids(model, 1, 20, seed=1))  # another prompt length
+    policy.prepare(model, Prompt(model, random_ids(model, 1, 20, seed=1)))  # another prompt length
     cache = KVCache(c, 1, compressor=policy)
     cache.append(0, k, k)
     with pytest.raises(ValueError, match=r"scores of shape \(1, 4, 20\).*\(1, 4, 30\)"):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eval.grid import ConfigError, parse_spec
-from minipythia import COMPRESSORS, KVCache, PythiaConfig, build_compressor
+from minipythia import COMPRESSORS, KVCache, Prompt, PythiaConfig, build_compressor
 from minipythia.cli import run_cli
 from minipythia.compressors.kvzip import reconstruction_attention
 from minipythia.compressors.settings import settings_of
@@ -179,7 +179,8 @@ def test_no_policy_hands_nan_scores_to_the_selection(name, data):
         policy.reconstruction_scores = dict.fromkeys(
             layers, torch.cat((torch.full((B, H, 4), float("inf")), scores), dim=-1))
     else:
-        policy.prepare(fake_model(config, data), torch.zeros(B, L, dtype=torch.long))
+        model = fake_model(config, data)
+        policy.prepare(model, Prompt(model, torch.zeros(B, L, dtype=torch.long)))
 
     handed = []
     score = policy.score

@@ -2,7 +2,7 @@
 
     python -m minipythia.random_checkpoint 70m weights/random-70m
     python -m eval.bench.waits --model weights/random-70m [--prompt-len 2048] [--capacity 512] [--new-tokens 16]
-                               [--repeats 3] [--parts policies,h2o,allocator,bf16,batch]
+                               [--repeats 3] [--parts policies,h2o,kvzip,allocator,bf16,batch]
 
 Parts (each prints its table as soon as it is measured):
 - policies: per policy, TTFT, the compression's share of it (scoring, selection, gather: the cache's
@@ -15,6 +15,8 @@ Parts (each prints its table as soon as it is measured):
   (every weight but the input embedding, and the KV held) per TPOT, against a copy bandwidth measured first.
 - h2o: H2O's score of one layer against its inherent work (a float32 causal QK^T, softmax and column sums in
   one pass each), one thread.
+- kvzip: KVzip's TTFT against its inherent work (the prompt's forward, the reconstruction's forwards, their
+  scores done plainly in one pass each), alternating, at the process's threads.
 - allocator: page faults and time of an uncompressed prefill, in child processes alternating the default
   glibc allocator and one that keeps freed memory (GLIBC_TUNABLES mmap and trim thresholds at 1 GiB).
 - bf16: TTFT and TPOT of a bfloat16 model against float32, alternating, with float32 products in its prefill
@@ -39,8 +41,9 @@ import warnings
 
 import torch
 
-from minipythia import Pythia, generate
+from minipythia import Prefill, Pythia, generate
 from minipythia.cli import add_model_args, resolve_model
+from minipythia.compressors.kvzip import reconstruct, reconstruction_attention
 from minipythia.compressors.registry import build_compressor
 from minipythia.precision import cpu_description
 
@@ -51,6 +54,7 @@ from . import copy_bandwidth_gbs, decode_bytes_per_token, sweep_configs
 # The policies the issue names, each at --capacity where it has that setting; knorm as one without a scorer.
 POLICIES = ("none", "snapkv", "knorm", "h2o", "merging", "criticalkv", "lagkv", "expected_attention", "kvzip",
             "adakv", "duo_attention")
+PARTS = ("policies", "h2o", "kvzip", "allocator", "bf16", "batch")
 # Keeps freed memory in the heap instead of returning it to the system (which page-faults it in again).
 KEEP_FREED = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
 
@@ -280,6 +284,63 @@ def h2o_part(model, prompt_len: int, repeats: int):
               f"{spread([a / b for a, b in zip(s, seconds['inherent'])])} |", flush=True)
 
 
+def kvzip_part(model, prompt: torch.Tensor, capacity: int, repeats: int):
+    """KVzip's TTFT (its prefill's forward, with the compression) against its inherent work, alternating, at the
+    process's threads. Inherent: the prompt's forward (the prefill every policy runs), each chunk's reconstruction
+    forward after the prompt's full cache, and its scores done plainly, one pass each over the whole (T, S + n + T)
+    float32 block of every layer (QK^T, the causal mask on the reconstruction's own keys, softmax, the maximum over
+    queries of the chunk's columns). Beside them, the same scores as KVzip computes them (blocks of queries)."""
+    policy = build_compressor("kvzip", {"max_capacity_prompt": capacity})
+    prompt = prompt[None]  # (1, L)
+    context = Prefill.record(model, prompt)
+    chunks = policy.reconstruction_chunks(prompt)
+    L, hs = prompt.size(1), model.config.hidden_size // model.config.num_attention_heads
+
+    def score_plainly(cache, start, end):
+        for layer in range(model.config.num_hidden_layers):
+            keys, queries = cache.keys(layer).float(), cache.recorded_queries[layer].float()
+            S, T = min(policy.n_sink, start), queries.size(2)
+            keys = torch.cat((keys[:, :, :S], keys[:, :, start:end], keys[:, :, L:]), dim=2)
+            logits = (queries @ keys.transpose(-1, -2)).div_(hs ** 0.5)
+            logits[..., -T:].masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            logits.softmax(-1)[..., S : S + end - start].amax(-2)
+
+    def score_as_kvzip(cache, start, end):
+        for layer in range(model.config.num_hidden_layers):
+            keys, S = cache.keys(layer), min(policy.n_sink, start)
+            reconstruction_attention(cache.recorded_queries[layer], keys[:, :, :S], keys[:, :, start:end],
+                                     keys[:, :, L:])
+
+    caches = [reconstruct(model, context, repeat) for _, _, repeat in chunks]
+    parts = {
+        "prompt's forward (none's prefill)": lambda: model(prompt, cache=model.new_cache(1), last_only=True),
+        "reconstruction forwards": lambda: [reconstruct(model, context, repeat) for _, _, repeat in chunks],
+        "scores, plainly": lambda: [score_plainly(c, start, end) for c, (start, end, _) in zip(caches, chunks)],
+        "scores, as kvzip computes them": lambda: [score_as_kvzip(c, start, end)
+                                                   for c, (start, end, _) in zip(caches, chunks)],
+        "kvzip's TTFT": lambda: model(prompt, cache=model.new_cache(1, policy), last_only=True),
+    }
+    seconds = {name: [] for name in parts}
+    with torch.no_grad():
+        for f in parts.values():
+            f()  # warm-up
+        for _ in range(repeats):
+            for name, f in parts.items():
+                start = time.perf_counter()
+                f()
+                seconds[name].append(time.perf_counter() - start)
+    inherent = [sum(s) for s in zip(*(seconds[name] for name in ("prompt's forward (none's prefill)",
+                                                                  "reconstruction forwards", "scores, plainly")))]
+    none = seconds["prompt's forward (none's prefill)"]
+    print(f"\n## KVzip's TTFT against its inherent work: {L} tokens, capacity {capacity}, {len(chunks)} chunks, "
+          f"{torch.get_num_threads()} threads, {repeats} alternating repeats\n")
+    print("| | ms | / none's prefill | / inherent |")
+    print("|---|---|---|---|")
+    for name, s in [*seconds.items(), ("inherent (the first three)", inherent)]:
+        print(f"| {name} | {spread([1e3 * x for x in s])} | {spread([a / b for a, b in zip(s, none)])} | "
+              f"{spread([a / b for a, b in zip(s, inherent)])} |", flush=True)
+
+
 def batch_part(model, tokens: int, repeats: int):
     """batch_windows 8 against 1 at two window settings: 512 / 128 (short windows, whose products are too small
     to keep the cores busy one window at a time) and the sweeps' default (the trained length and a quarter of it:
@@ -312,7 +373,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-tokens", type=int, default=2048)
-    parser.add_argument("--parts", default="policies,h2o,allocator,bf16,batch")
+    parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--policies", default=",".join(POLICIES), help="the policies part's policies (comma-separated)")
     parser.add_argument("--prefill-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -320,10 +381,9 @@ def main(argv=None):
     if args.prefill_child:
         return prefill_child(directory, args.prompt_len, args.repeats)
     parts = args.parts.split(",")
-    unknown = set(parts) - {"policies", "h2o", "allocator", "bf16", "batch"}
+    unknown = set(parts) - set(PARTS)
     if unknown:
-        parser.exit(2, f"unknown --parts {', '.join(sorted(unknown))}: choose from policies, h2o, allocator, bf16, "
-                       f"batch\n")
+        parser.exit(2, f"unknown --parts {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}\n")
     print(f"model {directory}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()} ({cpu_description()}); load average {load_average()}; {time.strftime('%Y-%m-%d %H:%M')}")
     model = Pythia.from_pretrained(directory).for_inference()
@@ -336,6 +396,8 @@ def main(argv=None):
         policies_part(model, prompt, args.capacity, args.new_tokens, args.repeats, names)
     if "h2o" in parts:
         h2o_part(model, args.prompt_len, args.repeats)
+    if "kvzip" in parts:
+        kvzip_part(model, prompt, args.capacity, args.repeats)
     if "allocator" in parts:
         allocator_part(directory, args.prompt_len, args.repeats)
     if "bf16" in parts:

@@ -22,12 +22,15 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
 from ..kv import PrunedKeysStore, Store
 from .settings import settings_of
+
+if TYPE_CHECKING:
+    from ..prefill import Prompt  # the prefill imports the cache, which imports the policies
 
 # The storage settings every policy has; they appear in settings() and labels only when kv_bits is set.
 STORAGE_SETTINGS = ("kv_bits", "kv_group_size", "kv_residual")
@@ -152,10 +155,12 @@ class Compressor:
         then taking the cache's length as its position (KVCache.next_position): StreamingLLM's official cache."""
         return False
 
-    def prepare(self, model, input_ids: torch.Tensor):
-        """Called with the model and the prompt's ids (B, L) just before a prefill into a cache with this
-        compressor (and before a replay of one): for a policy that scores with a forward of its own (KVzip's
-        context reconstruction). The default does nothing."""
+    def prepare(self, model, prompt: "Prompt"):
+        """Called with the model and the prompt (minipythia.prefill.Prompt: its ids (B, L) as `input_ids`)
+        just before a prefill into a cache with this compressor, and before a replay of one: for a policy that
+        scores with the whole model. `prompt.prefill` is the prompt's uncompressed prefill, every layer's keys,
+        values and queries, recorded once when first asked for (the forward then fills the cache from it rather
+        than running the prompt again). The default does nothing."""
 
     def missing_input(self) -> str | None:
         """What the compressor still needs before it can compress, beyond its settings (None: nothing).
@@ -228,6 +233,11 @@ class CapacityBudget:
 
     def keep_count(self, layer, seq_len):
         return min(seq_len, self.max_capacity_prompt)
+
+
+# Queries whose attention is materialised at once (H2O, Merging, KVzip): a (B, nh, QUERY_CHUNK, L) float32 block
+# instead of the whole (B, nh, Q, L) matrix.
+QUERY_CHUNK = 256
 
 
 def attention_weights(queries: torch.Tensor, keys: torch.Tensor, causal: bool = True) -> torch.Tensor:

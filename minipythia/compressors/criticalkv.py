@@ -25,8 +25,8 @@ class OutputProjectionNorms:
     epsilon: float
     inner: Compressor
 
-    def prepare(self, model, input_ids):
-        super().prepare(model, input_ids)
+    def prepare(self, model, prompt):
+        super().prepare(model, prompt)
         # dense(y) = y @ W^T: W^T (hidden_in, hidden_out), whose rows h*hs:(h+1)*hs are head h's W_o^h.
         self.output_projections = [block.attention.dense.weight.detach().t() for block in model.layers]
 
@@ -34,8 +34,8 @@ class OutputProjectionNorms:
         """||v W_o^h||_1 for every entry, float32 (B, nh, L), from values (B, nh, L, hs)."""
         weights = getattr(self, "output_projections", None)
         if weights is None:
-            raise ValueError(f"{self.name} needs the model's output projections: prepare(model, input_ids) is "
-                             f"called before a prefill (model(ids, cache=...) or Prefill.replay do it)")
+            raise ValueError(f"{self.name} needs the model's output projections: prepare(model, Prompt(model, ids)) "
+                             f"is called before a prefill (model(ids, cache=...) or Prefill.replay do it)")
         B, H, L, hs = values.shape
         w = weights[layer].to(device=values.device, dtype=torch.float32)
         if w.size(0) != H * hs:

@@ -55,11 +55,12 @@ class DuoAttention(Compressor):
     Deviations, deliberate: kvpress averages the queries and keys over 50 BookSum samples once per model;
     here the means are over the prompt itself (its queries and keys, un-rotated from their positions
     0 .. L-1), per batch row. A layer's cache is set right after its own attention, before the later layers
-    exist, so on the fly the model-wide ranking needs every layer's scores first: `prepare` records the
-    prompt's uncompressed prefill (one more forward of the prompt, as KVzip's reconstruction) and ranks
-    from it; "layer" ranking needs no extra forward. kvpress's defaults on the fly are sink_size 128,
-    recent_size 256 (kept here) and head_compression_ratio 0 (here 0.5, 0 keeping everything). kvpress masks the streaming heads' middle
-    entries at attention time; here they are evicted (a ragged cache, minipythia.ragged_cache).
+    exist, so on the fly the model-wide ranking needs every layer's scores first: `prepare` asks for the
+    prompt's uncompressed prefill (prompt.prefill, which the model then fills the cache from: the prompt
+    still runs once) and ranks from it; "layer" ranking scores each layer as it comes. kvpress's defaults
+    on the fly are sink_size 128, recent_size 256 (kept here) and head_compression_ratio 0 (here 0.5, 0
+    keeping everything). kvpress masks the streaming heads' middle entries at attention time; here they are
+    evicted (a ragged cache, minipythia.ragged_cache).
 
     Calibrated patterns: `pattern_file`, written by `python -m eval.calibrate_duo` from a few books (the
     same score averaged over their prompts, per layer and head), replaces the prompt's own scores. It is not
@@ -135,16 +136,14 @@ class DuoAttention(Compressor):
         window = min(seq_len, self.sink_size + self.recent_size)
         return (n_s * window + (N - n_s) * seq_len) // N
 
-    def prepare(self, model, input_ids):
+    def prepare(self, model, prompt):
         """Model-wide ranking on the fly: every layer's head scores, from the prompt's uncompressed prefill."""
         if self.head_ranking != "model" or self._calibrated is not None:
             return
         self._streaming = None
-        if self.keep_count(0, input_ids.size(1)) >= input_ids.size(1):
+        if self.keep_count(0, prompt.length) >= prompt.length:
             return  # nothing will be evicted: no scores needed
-        from ..prefill import Prefill  # the prefill imports the cache, which imports the compressors
-
-        prefill = Prefill.record(model, input_ids)
+        prefill = prompt.prefill
         scores = torch.stack([self.head_scores(k, q) for k, q in zip(prefill.keys, prefill.queries)], dim=1)
         self._streaming = self.lowest_heads(scores)  # (B, layers, nh)
 
@@ -180,8 +179,8 @@ class DuoAttention(Compressor):
             ranked = getattr(self, "_streaming", None)
             if ranked is None or ranked.size(0) not in (1, B):
                 raise ValueError("duo_attention ranks heads over the whole model from every layer's scores: "
-                                 "prepare(model, input_ids) computes them before a prefill (model(ids, cache=...) "
-                                 "and Prefill.replay call it), or use head_ranking='layer'")
+                                 "prepare(model, Prompt(model, ids)) computes them before a prefill "
+                                 "(model(ids, cache=...) and Prefill.replay call it), or use head_ranking='layer'")
             streaming = ranked[:, layer].to(scores.device).expand(B, H)
         pos = torch.arange(L, device=scores.device)
         window = (pos < self.sink_size) | (pos >= L - self.recent_size)  # (L,)

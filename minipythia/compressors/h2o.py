@@ -1,10 +1,7 @@
 from dataclasses import dataclass
 
-from .base import CapacityBudget, Compressor, attention_weights
+from .base import QUERY_CHUNK, CapacityBudget, Compressor, attention_weights
 from .registry import register
-
-# Queries scored at once: a (B, nh, QUERY_CHUNK, L) float32 block instead of the whole (B, nh, L, L) matrix.
-QUERY_CHUNK = 256
 
 
 @register

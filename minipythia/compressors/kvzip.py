@@ -1,10 +1,8 @@
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..prefill import Prefill
-from .base import CapacityBudget, Compressor
+from .base import QUERY_CHUNK, CapacityBudget, Compressor, attention_weights
 from .registry import register
 
 
@@ -27,8 +25,9 @@ class KVzip(CapacityBudget, Compressor):
     the max_capacity_prompt = C best entries are kept per head; prompts with L <= C stay whole, and then
     no reconstruction runs.
 
-    Cost: one extra forward of the L prompt tokens (the full cache the reconstruction reads) and one of
-    each chunk's reconstruction after it, about 2L tokens in all, on every prefill (and replay).
+    Cost: one forward of each chunk's reconstruction after the prompt's full cache (about L tokens attending
+    to about 2L keys) and its scores, a softmax over those keys, on every prefill and replay. The prompt's
+    own forward is the prefill's (prompt.prefill: the model fills the cache from it).
 
     Deviations, deliberate:
     - No instruction text. The official input is "\\n\\nRepeat the previous context exactly." (for later
@@ -98,21 +97,18 @@ class KVzip(CapacityBudget, Compressor):
         return out
 
     @torch.no_grad()
-    def prepare(self, model, input_ids):
+    def prepare(self, model, prompt):
         self.reconstruction_scores = {}
+        input_ids = prompt.input_ids
         B, L = input_ids.shape
         n_layers = model.config.num_hidden_layers
         if all(self.keep_count(layer, L) >= L for layer in range(n_layers)):
             return  # nothing will be evicted: no reconstruction to run
-        context = Prefill.record(model, input_ids)  # the full cache that every chunk's reconstruction reads
+        context = prompt.prefill  # the full cache that every chunk's reconstruction reads
         scores = [torch.empty(B, model.config.num_attention_heads, L, device=input_ids.device)
                   for _ in range(n_layers)]
         for start, end, repeat in self.reconstruction_chunks(input_ids):
-            cache = model.new_cache(B, record_queries=True)
-            for layer in range(n_layers):
-                cache.append(layer, context.keys[layer], context.values[layer])
-            cache.advance(L)
-            model(repeat, cache=cache, last_only=True)  # teacher-forced at positions L .. L + T - 1
+            cache = reconstruct(model, context, repeat)
             sink = min(self.n_sink, start)
             for layer in range(n_layers):
                 keys = cache.keys(layer)  # (B, nh, L + T, hs)
@@ -127,19 +123,44 @@ class KVzip(CapacityBudget, Compressor):
         if scores is None or scores.shape != keys.shape[:3]:
             got = "nothing" if scores is None else f"scores of shape {tuple(scores.shape)}"
             raise ValueError(f"kvzip has {got} for layer {layer}, whose keys are {tuple(keys.shape[:3])} (batch, "
-                             f"heads, tokens): its scores come from prepare(model, input_ids) on this prompt, which "
-                             f"the model's prefill and Prefill.replay call; call it first when compressing by hand")
+                             f"heads, tokens): its scores come from prepare(model, Prompt(model, ids)) on this "
+                             f"prompt, which the model's prefill and Prefill.replay call; call it first when "
+                             f"compressing by hand")
         return scores.to(keys.device)
+
+
+def reconstruct(model, context, repeat: torch.Tensor):
+    """The cache after a chunk's reconstruction `repeat` (B, T) is teacher-forced after the prompt's full cache
+    (context, a Prefill of L tokens), at positions L .. L + T - 1, with the reconstruction's queries recorded."""
+    cache = model.new_cache(repeat.size(0), record_queries=True)
+    for layer, (keys, values) in enumerate(zip(context.keys, context.values)):
+        cache.append(layer, keys, values)
+    cache.advance(context.num_tokens)
+    model(repeat, cache=cache, last_only=True)
+    return cache
 
 
 def reconstruction_attention(queries, sink_keys, chunk_keys, repeat_keys) -> torch.Tensor:
     """KVzip's score of one chunk: queries (B, nh, T, hs) of its reconstruction, whose own keys are
     repeat_keys (B, nh, T, hs), attend (softmax in float32) over sink_keys (B, nh, S, hs), chunk_keys
     (B, nh, n, hs) and, causally, repeat_keys. Returns each chunk key's largest weight over the T queries,
-    (B, nh, n)."""
+    (B, nh, n).
+
+    A block of queries at a time, each over the keys it can see (the sinks, the chunk, and the reconstruction's
+    up to the block's last query): the whole (T, S + n + T) float32 matrix is 256 MiB a layer for a chunk of
+    2000 tokens, and half of its last T columns are masked. The keys a block leaves out would weigh exactly 0,
+    and a row's softmax and the maximum over rows do not depend on the blocks, so the scores are those of the
+    whole matrix bit for bit (tests/test_kvzip.py keeps it as the reference). Blocks have QUERY_CHUNK to
+    2 * QUERY_CHUNK - 1 queries, never a handful: a product of very few rows takes another kernel, whose
+    roundings differ."""
     S, n, T = sink_keys.size(2), chunk_keys.size(2), repeat_keys.size(2)
     keys = torch.cat((sink_keys, chunk_keys, repeat_keys), dim=2).float()
-    logits = queries.float() @ keys.transpose(-1, -2) / math.sqrt(keys.size(-1))  # (B, nh, T, S + n + T)
-    future = torch.ones(T, T, dtype=torch.bool, device=keys.device).triu(1)  # the reconstruction's later tokens
-    logits[..., S + n :] = logits[..., S + n :].masked_fill(future, float("-inf"))
-    return logits.softmax(dim=-1)[..., S : S + n].amax(dim=-2)
+    best = None
+    start = 0
+    while start < T:
+        end = T if T - start < 2 * QUERY_CHUNK else start + QUERY_CHUNK
+        # The block's queries are the last end - start positions of these keys: attention_weights' causal case.
+        weights = attention_weights(queries[:, :, start:end], keys[:, :, : S + n + end])[..., S : S + n]
+        best = weights.amax(dim=-2) if best is None else torch.maximum(best, weights.amax(dim=-2), out=best)
+        start = end
+    return best

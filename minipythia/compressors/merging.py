@@ -3,8 +3,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import CapacityBudget, Compressor, attention_weights
-from .h2o import QUERY_CHUNK
+from .base import QUERY_CHUNK, CapacityBudget, Compressor, attention_weights
 from .over_scorer import OverScorer
 from .registry import register
 from .settings import Policy

@@ -79,8 +79,8 @@ class OverScorer:
     def see_future(self, queries):
         self.inner.see_future(queries)
 
-    def prepare(self, model, input_ids):
-        self.inner.prepare(model, input_ids)
+    def prepare(self, model, prompt):
+        self.inner.prepare(model, prompt)
 
     def scorer_decode_queries(self) -> int:
         """The scorer's decode_queries(), its refusal naming the wrapper."""

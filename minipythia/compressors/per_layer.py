@@ -132,9 +132,9 @@ class PerLayer(CapacityBudget, Compressor):
                 raise ValueError(f"per_layer with {policy.name} in layers: {e}") from None
         return max(reads)
 
-    def prepare(self, model, input_ids):
+    def prepare(self, model, prompt):
         for policy in self.policies.values():
-            policy.prepare(model, input_ids)
+            policy.prepare(model, prompt)
 
     def missing_input(self):
         return next((m for m in (p.missing_input() for p in self.policies.values()) if m is not None), None)
