@@ -319,7 +319,7 @@ def write_kept(spec: SweepSpec, index: int, out: Path, command: str):
     example = examples[index]
     for entry in inputs.grid.skipped:
         if entry["compressor"] != Oracle.name:
-            print(f"skipped {entry['compressor']} {entry['settings']}: {entry['reason']}", file=sys.stderr)
+            print(f"skipped {entry['compressor']} {shown(entry['settings'])}: {entry['reason']}", file=sys.stderr)
     about = [f"{inputs.spec.model} ({inputs.model.num_parameters():,} parameters, {spec.dtype}); {task.name} "
              f"example {index} of {len(examples)}: {json.dumps(example.key)}, a {example.prompt.numel()}-token "
              f"prompt; {', '.join(f'{k}: {v}' for k, v in example.info.items())}",

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import platform
 
+from .bounded import shown
+
 ENV = "MINIPYTHIA_BF16_PREFILL"
 CHOICES = ("auto", "float32", "bfloat16")
 # /proc/cpuinfo flags that mean the CPU multiplies bf16 natively (x86: AVX-512 BF16, AMX; Arm: FEAT_BF16).
@@ -42,7 +44,7 @@ def float32_prefill_default() -> bool:
     """Whether a bf16 model on CPU multiplies in float32 in its multi-token forwards, from MINIPYTHIA_BF16_PREFILL."""
     choice = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: choose auto, float32 or bfloat16")
+        raise ValueError(f"{ENV}={shown(os.environ[ENV])}: choose auto, float32 or bfloat16")
     if choice == "auto":
         return not native_bfloat16()
     return choice == "float32"
